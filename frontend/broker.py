@@ -1,0 +1,337 @@
+"""The broker: one thread that owns the workers' ROUTER socket and routes jobs.
+
+Request threads never touch the workers' socket (ZeroMQ sockets are not thread-safe):
+each request opens its own DEALER socket to the broker over inproc (see ``JobClient``),
+sends JOB, and reads back its job's CHUNK / DONE / ERROR messages. The broker keeps, per
+model, the registered workers and a bounded queue of jobs waiting for a free slot; it
+hands each job to the worker with the most free slots, forwards chunks as they arrive,
+exchanges heartbeats with the workers, and turns a silent worker's jobs into errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from worker import protocol as ewp
+
+log = logging.getLogger("edgellm.broker")
+
+CLIENTS_ADDR = "inproc://edgellm-broker"
+
+
+@dataclass
+class WorkerRecord:
+    identity: bytes
+    model: str
+    kind: str
+    slots: int
+    info: dict
+    expiry: float
+    jobs: set = field(default_factory=set)
+
+    def free(self) -> int:
+        return self.slots - len(self.jobs)
+
+
+@dataclass
+class Job:
+    job_id: str
+    client: bytes
+    model: str
+    body: dict
+    enqueued: float
+    worker: bytes | None = None
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    queue_size: int = 64  # jobs waiting per model before new ones get 503 at once
+    queue_timeout: float = 30.0  # seconds a job may wait for a free slot
+    retry_after: int = 1  # seconds, sent with 503 queue_full
+
+
+class Broker:
+    def __init__(self, worker_addr: str, *, limits: BrokerLimits = BrokerLimits(),
+                 context: zmq.Context | None = None, curve_secret: bytes | None = None,
+                 curve_public: bytes | None = None):
+        self.context = context or zmq.Context.instance()
+        self.limits = limits
+        self.workers_sock = self.context.socket(zmq.ROUTER)
+        self.workers_sock.setsockopt(zmq.LINGER, 0)
+        if curve_secret:
+            self.workers_sock.curve_server = True
+            self.workers_sock.curve_secretkey = curve_secret
+            self.workers_sock.curve_publickey = curve_public
+        self.workers_sock.bind(worker_addr)
+        self.worker_addr = self.workers_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.clients_sock = self.context.socket(zmq.ROUTER)
+        self.clients_sock.setsockopt(zmq.LINGER, 0)
+        self.clients_sock.bind(CLIENTS_ADDR)
+        self.workers: dict[bytes, WorkerRecord] = {}
+        self.jobs: dict[str, Job] = {}
+        self.queues: dict[str, deque[str]] = {}
+        self._snapshot: dict = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker", daemon=True)
+
+    # -- public, thread-safe ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def snapshot(self) -> dict:
+        """{model: {"kind", "workers": [...], "slots", "free_slots", "queued"}} as of the last loop turn."""
+        with self._lock:
+            return dict(self._snapshot)
+
+    # -- loop ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.workers_sock, zmq.POLLIN)
+        poller.register(self.clients_sock, zmq.POLLIN)
+        next_heartbeat = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                ready = dict(poller.poll(int(ewp.HEARTBEAT_INTERVAL * 1000 / 4)))
+            except zmq.ContextTerminated:
+                break
+            if self.workers_sock in ready:
+                while self.workers_sock.poll(0):
+                    self._from_worker(self.workers_sock.recv_multipart())
+            if self.clients_sock in ready:
+                while self.clients_sock.poll(0):
+                    self._from_client(self.clients_sock.recv_multipart())
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                for identity in self.workers:
+                    self._to_worker(identity, ewp.HEARTBEAT)
+                next_heartbeat = now + ewp.HEARTBEAT_INTERVAL
+            self._expire_workers(now)
+            self._expire_queued(now)
+            self._dispatch()
+            self._publish()
+        self.workers_sock.close(0)
+        self.clients_sock.close(0)
+
+    def _to_worker(self, identity: bytes, command: bytes, job_id: str | None = None, body: dict | None = None):
+        self.workers_sock.send_multipart([identity, *ewp.encode(command, job_id, body)])
+
+    def _to_client(self, client: bytes, command: bytes, job_id: str, body: dict | None):
+        self.clients_sock.send_multipart([client, *ewp.encode(command, job_id, body)])
+
+    def _fail(self, job: Job, code: str, message: str, headers: dict | None = None) -> None:
+        body = ewp.error_body(code, message)
+        if headers:
+            body["headers"] = headers
+        self._to_client(job.client, ewp.ERROR, job.job_id, body)
+        self.jobs.pop(job.job_id, None)
+
+    # -- workers ---------------------------------------------------------------------------
+    def _from_worker(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            log.warning("dropped a message without identity from a worker")
+            return
+        identity, frames = frames[0], frames[1:]
+        try:
+            msg = ewp.decode(frames)
+        except ewp.ProtocolError as exc:
+            log.warning("dropped a bad message from worker %s: %s", identity.hex(), exc)
+            return
+        worker = self.workers.get(identity)
+        if msg.command == ewp.READY:
+            self._register(identity, msg.body)
+            return
+        if worker is None:
+            log.info("message %s from an unregistered worker: asking it to register", msg.name)
+            self._to_worker(identity, ewp.DISCONNECT)
+            return
+        worker.expiry = time.monotonic() + ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS
+        if msg.command == ewp.HEARTBEAT:
+            return
+        if msg.command == ewp.DISCONNECT:
+            self._drop_worker(identity, "the worker shut down")
+            return
+        if msg.command not in (ewp.CHUNK, ewp.DONE, ewp.ERROR):
+            log.warning("dropped unexpected %s from worker %s", msg.name, identity.hex())
+            return
+        job = self.jobs.get(msg.job_id)
+        if job is None or job.worker != identity:
+            if msg.command == ewp.CHUNK:
+                self._to_worker(identity, ewp.CANCEL, msg.job_id)  # nobody is listening any more
+            worker.jobs.discard(msg.job_id)
+            return
+        problem = ewp.check_job_body(msg)
+        if problem:
+            log.warning("bad %s from worker %s for job %s: %s", msg.name, identity.hex(), job.job_id, problem)
+            if msg.command == ewp.CHUNK:
+                self._to_worker(identity, ewp.CANCEL, job.job_id)
+            else:
+                worker.jobs.discard(job.job_id)
+            self._fail(job, "worker_protocol_error",
+                       f"the worker for model '{job.model}' sent a malformed reply ({problem}); please retry")
+            return
+        if msg.command in (ewp.DONE, ewp.ERROR):
+            worker.jobs.discard(job.job_id)
+            if msg.command == ewp.ERROR and msg.body.get("code") == "worker_busy":
+                job.worker = None  # its view of free slots was stale: wait for another
+                self.queues.setdefault(job.model, deque()).appendleft(job.job_id)
+                return
+            del self.jobs[job.job_id]
+        self._to_client(job.client, msg.command, job.job_id, msg.body)
+
+    def _register(self, identity: bytes, body: dict) -> None:
+        model, kind, slots = body.get("model"), body.get("kind"), body.get("slots")
+        if not isinstance(model, str) or not model or kind not in ("chat", "embedding") \
+                or not isinstance(slots, int) or slots < 1:
+            log.warning("dropped a READY with a bad body from %s: %r", identity.hex(), body)
+            return
+        if identity in self.workers:
+            self._drop_worker(identity, "the worker registered again")
+        self.workers[identity] = WorkerRecord(
+            identity, model, kind, slots, body,
+            time.monotonic() + ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS)
+        log.info("worker %s registered: model %r (%s), %d slots, pid %s", body.get("worker_id"), model, kind,
+                 slots, body.get("pid"))
+
+    def _drop_worker(self, identity: bytes, why: str) -> None:
+        worker = self.workers.pop(identity)
+        log.warning("worker %s for model %r removed: %s", worker.info.get("worker_id"), worker.model, why)
+        for job_id in worker.jobs:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                self._fail(job, "worker_lost",
+                           f"the worker serving model '{worker.model}' stopped ({why}) before the answer was "
+                           "complete; please retry")
+
+    def _expire_workers(self, now: float) -> None:
+        for identity in [i for i, w in self.workers.items() if w.expiry < now]:
+            self._drop_worker(identity, "no heartbeat for "
+                              f"{ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS:.0f}s: died or hung")
+
+    # -- clients ---------------------------------------------------------------------------
+    def _from_client(self, frames: list[bytes]) -> None:
+        client, frames = frames[0], frames[1:]
+        try:
+            msg = ewp.decode(frames)
+        except ewp.ProtocolError as exc:
+            log.error("dropped a bad message from a request thread: %s", exc)
+            return
+        if msg.command == ewp.JOB:
+            self._enqueue(client, msg)
+        elif msg.command == ewp.CANCEL:
+            self._cancel(msg.job_id)
+
+    def _enqueue(self, client: bytes, msg: ewp.Message) -> None:
+        model = msg.body.pop("model", None)
+        if not isinstance(model, str):
+            log.error("dropped a JOB without a model from a request thread")
+            return
+        job = Job(msg.job_id, client, model, msg.body, time.monotonic())
+        queue = self.queues.setdefault(model, deque())
+        if len(queue) >= self.limits.queue_size:
+            self._to_client(client, ewp.ERROR, job.job_id, {
+                **ewp.error_body("queue_full", f"model '{model}' has {len(queue)} requests waiting already; "
+                                 f"retry in {self.limits.retry_after}s"),
+                "headers": {"Retry-After": str(self.limits.retry_after)}})
+            return
+        self.jobs[job.job_id] = job
+        queue.append(job.job_id)
+
+    def _cancel(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return
+        if job.worker is None:
+            queue = self.queues.get(job.model)
+            if queue and job_id in queue:
+                queue.remove(job_id)
+        elif job.worker in self.workers:
+            # The slot stays counted until the worker reports the job DONE "cancelled".
+            self._to_worker(job.worker, ewp.CANCEL, job_id)
+
+    def _expire_queued(self, now: float) -> None:
+        for model, queue in self.queues.items():
+            while queue and self.jobs[queue[0]].enqueued + self.limits.queue_timeout < now:
+                job = self.jobs[queue.popleft()]
+                has_workers = any(w.model == model for w in self.workers.values())
+                reason = ("every slot stayed busy" if has_workers
+                          else "no worker for this model is running (still starting, or crashed)")
+                self._fail(job, "queue_timeout",
+                           f"model '{model}' could not take the request within {self.limits.queue_timeout:g}s: "
+                           f"{reason}; retry later", {"Retry-After": str(self.limits.retry_after)})
+
+    def _dispatch(self) -> None:
+        for model, queue in self.queues.items():
+            while queue:
+                candidates = [w for w in self.workers.values() if w.model == model and w.free() > 0]
+                if not candidates:
+                    break
+                worker = max(candidates, key=WorkerRecord.free)
+                job = self.jobs[queue.popleft()]
+                job.worker = worker.identity
+                worker.jobs.add(job.job_id)
+                self._to_worker(worker.identity, ewp.JOB, job.job_id, job.body)
+
+    def _publish(self) -> None:
+        models: dict[str, dict] = {}
+        for w in self.workers.values():
+            m = models.setdefault(w.model, {"kind": w.kind, "workers": [], "slots": 0, "free_slots": 0,
+                                            "queued": 0})
+            m["workers"].append({"worker_id": w.info.get("worker_id"), "pid": w.info.get("pid"),
+                                 "slots": w.slots, "free_slots": w.free(), "n_ctx": w.info.get("n_ctx")})
+            m["slots"] += w.slots
+            m["free_slots"] += w.free()
+        for model, queue in self.queues.items():
+            if queue:
+                models.setdefault(model, {"kind": None, "workers": [], "slots": 0, "free_slots": 0})
+                models[model]["queued"] = len(queue)
+        with self._lock:
+            self._snapshot = models
+
+
+class JobClient:
+    """One request's line to the broker: its own DEALER socket, used by one thread only."""
+
+    def __init__(self, context: zmq.Context | None = None):
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(CLIENTS_ADDR)
+        self.job_id: str | None = None
+        self.finished = False
+
+    def submit(self, model: str, body: dict) -> str:
+        self.job_id = uuid.uuid4().hex
+        self.socket.send_multipart(ewp.encode(ewp.JOB, self.job_id, {**body, "model": model}))
+        return self.job_id
+
+    def receive(self, timeout: float) -> ewp.Message | None:
+        """The job's next message, or None if nothing came within timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1):
+                return None
+            msg = ewp.decode(self.socket.recv_multipart())
+            if msg.job_id == self.job_id:
+                if msg.command in (ewp.DONE, ewp.ERROR):
+                    self.finished = True
+                return msg
+
+    def close(self) -> None:
+        """Cancel the job unless it already ended, and close the socket."""
+        if self.job_id is not None and not self.finished:
+            self.socket.send_multipart(ewp.encode(ewp.CANCEL, self.job_id))
+            self.finished = True
+        self.socket.close(0)

@@ -1,0 +1,184 @@
+"""Configuration: command-line flags and an optional TOML file, merged into one ServerConfig.
+
+The config file lists models; flags in the spirit of LlamaEdge's llama-api-server
+(``--model-name``, ``--model-path``, ``--ctx-size``...) describe them on the command line
+instead, comma-separated for several models. Flags given on the command line override the
+file's server settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    path: str
+    kind: str = "chat"  # "chat" or "embedding"
+    ctx_size: int = 2048  # tokens one request may use (prompt + answer)
+    batch_size: int = 512  # most tokens in one llama_decode
+    parallel: int = 1  # slots: requests decoded together by one worker
+    workers: int = 1  # worker processes the server starts; 0 = workers are started by hand
+    threads: int | None = None  # per worker; default: its pinned cores, else all cores
+    cores: list[str] = field(default_factory=list)  # per worker, e.g. ["0-1", "2-3"]
+    gpus: list[str] = field(default_factory=list)  # per worker, e.g. ["0", "1"]
+    n_gpu_layers: int = 0
+    chat_template: str | None = None
+
+
+@dataclass
+class ServerConfig:
+    models: list[ModelConfig]
+    host: str = "0.0.0.0"
+    port: int = 8080
+    worker_addr: str = ""  # the ZeroMQ address workers connect to; default: an ipc socket
+    max_body_bytes: int = 10 * 1024 * 1024
+    queue_size: int = 64  # requests waiting per model before 503
+    queue_timeout: float = 30.0  # seconds a request may wait for a free slot before 503
+    request_timeout: float = 120.0  # seconds of silence from a busy worker before 503
+    log_level: str = "info"
+    curve_secret_key_file: str | None = None  # enables CURVE for remote workers
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+_MODEL_KEYS = {f.name for f in fields(ModelConfig)}
+_SERVER_KEYS = {f.name for f in fields(ServerConfig)} - {"models"}
+
+
+def default_worker_addr(port: int) -> str:
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return f"ipc://{runtime}/edgellm-{port}-{os.getpid()}.ipc"
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file listing models and server settings")
+    p.add_argument("--model-name", help="model name(s), comma-separated")
+    p.add_argument("--model-path", help="GGUF file(s), comma-separated, one per --model-name")
+    p.add_argument("--model-kind", help="chat or embedding, comma-separated (default chat)")
+    p.add_argument("--ctx-size", help="context size(s) in tokens, comma-separated")
+    p.add_argument("--batch-size", help="batch size(s) in tokens, comma-separated")
+    p.add_argument("--parallel", help="slots per worker, comma-separated")
+    p.add_argument("--workers", help="worker processes per model, comma-separated")
+    p.add_argument("--threads", help="threads per worker, comma-separated")
+    p.add_argument("--n-gpu-layers", help="layers to offload to the GPU, comma-separated")
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    p.add_argument("--socket-addr", help="HOST:PORT to listen on (LlamaEdge style); overrides --host/--port")
+    p.add_argument("--worker-addr", help="ZeroMQ address workers connect to, e.g. tcp://0.0.0.0:5555")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (413 above)")
+    p.add_argument("--queue-size", type=int, help="requests waiting per model before 503")
+    p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot")
+    p.add_argument("--request-timeout", type=float, help="seconds of worker silence before 503")
+    p.add_argument("--curve-secret-key-file", help="server CURVE key pair file: require CURVE from workers")
+    p.add_argument("--log-level", help="debug, info, warning or error")
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",")] if value else []
+
+
+def _model_from_table(table: dict, base: Path) -> ModelConfig:
+    unknown = set(table) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"unknown model setting(s) {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
+    if "name" not in table or "path" not in table:
+        raise ConfigError("each [[models]] entry needs a name and a path")
+    model = ModelConfig(**table)
+    model.path = str((base / model.path).resolve()) if not os.path.isabs(model.path) else model.path
+    return model
+
+
+def _models_from_flags(args: argparse.Namespace) -> list[ModelConfig]:
+    names, paths = _split(args.model_name), _split(args.model_path)
+    if not paths:
+        return []
+    if len(names) != len(paths):
+        raise ConfigError(f"--model-name lists {len(names)} names but --model-path {len(paths)} paths")
+    per_model = {"kind": (args.model_kind, str), "ctx_size": (args.ctx_size, int),
+                 "batch_size": (args.batch_size, int), "parallel": (args.parallel, int),
+                 "workers": (args.workers, int), "threads": (args.threads, int),
+                 "n_gpu_layers": (args.n_gpu_layers, int)}
+    models = [ModelConfig(name=n, path=str(Path(p).resolve())) for n, p in zip(names, paths)]
+    for key, (raw, convert) in per_model.items():
+        values = _split(raw)
+        if not values:
+            continue
+        if len(values) not in (1, len(models)):
+            raise ConfigError(f"--{key.replace('_', '-')} needs one value or one per model")
+        for i, model in enumerate(models):
+            try:
+                setattr(model, key, convert(values[i if len(values) > 1 else 0]))
+            except ValueError:
+                raise ConfigError(f"--{key.replace('_', '-')}: {values[i if len(values) > 1 else 0]!r} "
+                                  "is not a valid value") from None
+    return models
+
+
+def load_config(args: argparse.Namespace) -> ServerConfig:
+    server: dict = {}
+    models: list[ModelConfig] = []
+    if args.config:
+        path = Path(args.config)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        tables = data.pop("models", [])
+        unknown = set(data) - _SERVER_KEYS
+        if unknown:
+            raise ConfigError(f"unknown server setting(s) {sorted(unknown)} in {path}")
+        server.update(data)
+        models = [_model_from_table(t, path.parent) for t in tables]
+    flag_models = _models_from_flags(args)
+    if flag_models:
+        models = flag_models
+    if args.socket_addr:
+        host, _, port = args.socket_addr.rpartition(":")
+        server["host"], server["port"] = host or "0.0.0.0", int(port)
+    for key in ("host", "port", "worker_addr", "max_body_bytes", "queue_size", "queue_timeout",
+                "request_timeout", "curve_secret_key_file", "log_level"):
+        value = getattr(args, key, None)
+        if value is not None and not (key in ("host", "port") and args.socket_addr):
+            server[key] = value
+    if not models:
+        raise ConfigError("no model configured: pass --model-name and --model-path, or --config FILE "
+                          "(scripts/serve.sh does this for the default models)")
+    config = ServerConfig(models=models, **server)
+    validate(config)
+    if not config.worker_addr:
+        config.worker_addr = default_worker_addr(config.port)
+    return config
+
+
+def validate(config: ServerConfig) -> None:
+    seen = set()
+    for m in config.models:
+        if m.name in seen:
+            raise ConfigError(f"model name {m.name!r} is configured twice")
+        seen.add(m.name)
+        if m.kind not in ("chat", "embedding"):
+            raise ConfigError(f"model {m.name!r}: kind must be 'chat' or 'embedding', not {m.kind!r}")
+        if m.workers > 0 and not os.path.isfile(m.path):
+            raise ConfigError(f"model {m.name!r}: no file at {m.path} (run scripts/setup.sh to fetch "
+                              "the default models)")
+        for key in ("ctx_size", "batch_size", "parallel"):
+            if getattr(m, key) < 1:
+                raise ConfigError(f"model {m.name!r}: {key} must be at least 1")
+        if m.workers < 0:
+            raise ConfigError(f"model {m.name!r}: workers must be 0 or more")
+        for key in ("cores", "gpus"):
+            if getattr(m, key) and len(getattr(m, key)) != m.workers:
+                raise ConfigError(f"model {m.name!r}: {key} lists {len(getattr(m, key))} entries for "
+                                  f"{m.workers} workers")

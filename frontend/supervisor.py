@@ -1,0 +1,98 @@
+"""Starting the configured worker processes and restarting any that die."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from frontend.config import ModelConfig
+
+log = logging.getLogger("edgellm.supervisor")
+
+RESTART_INITIAL = 1.0  # seconds before the first restart of a crashed worker
+RESTART_MAX = 30.0
+
+
+def worker_command(model: ModelConfig, connect: str, replica: int, *, verbose: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "worker", "--connect", connect, "--model-name", model.name,
+           "--model-path", model.path, "--kind", model.kind, "--ctx-size", str(model.ctx_size),
+           "--batch-size", str(model.batch_size), "--parallel", str(model.parallel),
+           "--n-gpu-layers", str(model.n_gpu_layers)]
+    if model.threads:
+        cmd += ["--threads", str(model.threads)]
+    if model.cores:
+        cmd += ["--cores", model.cores[replica]]
+    if model.gpus:
+        cmd += ["--gpu", model.gpus[replica]]
+    if model.chat_template:
+        cmd += ["--chat-template", model.chat_template]
+    if verbose:
+        cmd.append("--verbose")
+    return cmd
+
+
+@dataclass
+class ManagedWorker:
+    model: ModelConfig
+    replica: int
+    process: subprocess.Popen | None = None
+    restart_at: float = 0.0
+    backoff: float = RESTART_INITIAL
+    started_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, models: list[ModelConfig], connect: str, *, verbose: bool = False):
+        self.connect = connect
+        self.verbose = verbose
+        self.workers = [ManagedWorker(m, i) for m in models for i in range(m.workers)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+
+    def start(self) -> None:
+        for w in self.workers:
+            self._spawn(w)
+        self._thread.start()
+
+    def _spawn(self, w: ManagedWorker) -> None:
+        cmd = worker_command(w.model, self.connect, w.replica, verbose=self.verbose)
+        w.process = subprocess.Popen(cmd)
+        w.started_at = time.monotonic()
+        log.info("started worker %d for model %r (pid %d)", w.replica, w.model.name, w.process.pid)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            for w in self.workers:
+                if w.process is not None and w.process.poll() is not None:
+                    code = w.process.returncode
+                    if now - w.started_at > 60:
+                        w.backoff = RESTART_INITIAL  # it ran fine for a while: not a crash loop
+                    log.error("worker %d for model %r exited with code %s; restarting in %.0fs",
+                              w.replica, w.model.name, code, w.backoff)
+                    w.process = None
+                    w.restart_at = now + w.backoff
+                    w.backoff = min(w.backoff * 2, RESTART_MAX)
+                elif w.process is None and now >= w.restart_at and not self._stop.is_set():
+                    self._spawn(w)
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self.workers if w.process is not None]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        for w in self.workers:
+            if w.process is not None and w.process.poll() is None:
+                w.process.terminate()
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            if w.process is not None:
+                try:
+                    w.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    w.process.kill()

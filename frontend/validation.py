@@ -1,0 +1,56 @@
+"""Small checks for JSON request fields, each raising a 400 that names the field."""
+
+from __future__ import annotations
+
+from frontend.errors import bad_request
+
+_MISSING = object()
+
+
+def number(body: dict, key: str, lo: float, hi: float, default=None):
+    value = body.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(f"'{key}' must be a number, not {type(value).__name__}", key)
+    if not lo <= value <= hi:
+        raise bad_request(f"'{key}' must be between {lo:g} and {hi:g}; got {value:g}", key)
+    return value
+
+
+def integer(body: dict, key: str, lo: int, hi: int | None = None, default=None):
+    value = body.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"'{key}' must be an integer, not {type(value).__name__}", key)
+    if value < lo or (hi is not None and value > hi):
+        limit = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise bad_request(f"'{key}' must be {limit}; got {value}", key)
+    return value
+
+
+def boolean(body: dict, key: str, default: bool = False) -> bool:
+    value = body.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"'{key}' must be true or false, not {type(value).__name__}", key)
+    return value
+
+
+def string(body: dict, key: str, default=None, *, required: bool = False):
+    value = body.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise bad_request(f"'{key}' is required", key)
+        return default
+    if not isinstance(value, str):
+        raise bad_request(f"'{key}' must be a string, not {type(value).__name__}", key)
+    return value
+
+
+def json_object(value, what: str = "request body") -> dict:
+    if not isinstance(value, dict):
+        raise bad_request(f"the {what} must be a JSON object")
+    return value

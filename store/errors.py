@@ -1,0 +1,63 @@
+"""Exceptions raised by the store.
+
+Every error carries a stable, machine-readable ``code`` so the API layer can
+map it to an OpenAI-style error body without parsing messages.
+"""
+
+
+class StoreError(Exception):
+    """Base class for every error the store raises on purpose."""
+
+    code = "store_error"
+
+
+class SqliteVecUnavailable(StoreError):
+    """No SQLite binding on this machine could load the sqlite-vec extension."""
+
+    code = "sqlite_vec_unavailable"
+
+
+class DatabaseError(StoreError):
+    """SQLite itself reported an error (locked, corrupt, disk full...)."""
+
+    code = "database_error"
+
+
+class SchemaTooNew(StoreError):
+    """The file was migrated by a newer edgellm than this one."""
+
+    code = "schema_too_new"
+
+
+class StoreClosed(StoreError):
+    """The store was used after ``close()``."""
+
+    code = "store_closed"
+
+
+class InvalidCollectionName(StoreError):
+    code = "invalid_collection_name"
+
+
+class CollectionNotFound(StoreError):
+    code = "collection_not_found"
+
+
+class CollectionConflict(StoreError):
+    """A collection exists under that name with another model or dimension."""
+
+    code = "collection_conflict"
+
+
+class FileNotFound(StoreError):
+    code = "file_not_found"
+
+
+class DocumentNotFound(StoreError):
+    code = "document_not_found"
+
+
+class DimensionMismatch(StoreError):
+    """A vector's length differs from its collection's dimension."""
+
+    code = "dimension_mismatch"

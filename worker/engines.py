@@ -9,4 +9,8 @@ def build_engine(kind: str, model_path: str, *, ctx_size: int, slots: int, threa
         from worker.chat_engine import ChatEngine
         return ChatEngine(model_path, ctx_size=ctx_size, slots=slots, threads=threads,
                           n_gpu_layers=n_gpu_layers, n_batch=n_batch, chat_template=chat_template)
+    if kind == "embedding":
+        from worker.embedding_engine import EmbeddingEngine
+        return EmbeddingEngine(model_path, ctx_size=ctx_size, slots=slots, threads=threads,
+                               n_gpu_layers=n_gpu_layers, n_batch=n_batch)
     raise ValueError(f"unknown model kind {kind!r}")

@@ -12,14 +12,15 @@ the engine produces. An engine is any object with:
     free_slots() -> int
     step() -> list[Event]           advance every job a little (one decode step)
 
-Because step() is short (one llama_decode), heartbeats and cancels are handled between
-steps on this one thread: no locks, and the socket never leaves its thread.
+The engine runs on one thread and is never touched by another; jobs and cancels reach it
+between steps.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -60,6 +61,17 @@ class CurveKeys:
 
 
 class WorkerLoop:
+    """Two threads, each owning its own sockets:
+
+    - the connection thread owns the DEALER to the broker: registration, heartbeats both
+      ways, reconnects with backoff, and relaying messages;
+    - the compute thread (the caller of run()) owns the engine, and talks to the
+      connection thread over an inproc PAIR with the same frames.
+
+    llama_decode releases the GIL, so heartbeats keep flowing while a long prompt is
+    being prefilled; a worker that stops heartbeating has really died.
+    """
+
     def __init__(self, engine, connect: str, model: str, *, curve: CurveKeys | None = None,
                  context: zmq.Context | None = None):
         self.engine = engine
@@ -68,12 +80,70 @@ class WorkerLoop:
         self.curve = curve
         self.context = context or zmq.Context.instance()
         self.worker_id = uuid.uuid4().hex[:12]
-        self.socket: zmq.Socket | None = None
-        self.running = True
+        self.running = threading.Event()
+        self.running.set()
         self.jobs: set[str] = set()
+        self.free_slots = engine.free_slots()  # read by the connection thread for heartbeats
+        self._pipe_addr = f"inproc://edgellm-worker-{self.worker_id}"
 
-    # -- connection --------------------------------------------------------------------
-    def _open(self) -> None:
+    def stop(self) -> None:
+        self.running.clear()
+
+    # -- compute thread ------------------------------------------------------------------
+    def run(self) -> None:
+        pipe = self.context.socket(zmq.PAIR)
+        pipe.setsockopt(zmq.LINGER, 0)
+        pipe.bind(self._pipe_addr)
+        connection = threading.Thread(target=self._connection_loop, name="connection", daemon=True)
+        connection.start()
+        try:
+            while self.running.is_set():
+                timeout_ms = 0 if self.engine.busy() else 100
+                if pipe.poll(timeout_ms, zmq.POLLIN):
+                    while pipe.poll(0, zmq.POLLIN):
+                        self._handle(pipe, ewp.decode(pipe.recv_multipart()))
+                if self.engine.busy():
+                    for event in self.engine.step():
+                        if event.command in (ewp.DONE, ewp.ERROR):
+                            self.jobs.discard(event.job_id)
+                        pipe.send_multipart(ewp.encode(event.command, event.job_id, event.body))
+                self.free_slots = self.engine.free_slots()
+        finally:
+            self.running.clear()
+            connection.join(timeout=5)
+            pipe.close(0)
+
+    def _handle(self, pipe: zmq.Socket, msg: ewp.Message) -> None:
+        if msg.command == ewp.JOB:
+            self._start_job(pipe, msg.job_id, msg.body)
+        elif msg.command == ewp.CANCEL:
+            if msg.job_id in self.jobs:
+                self.engine.cancel(msg.job_id)
+        elif msg.command == ewp.DISCONNECT:  # the broker went away and forgot our jobs
+            for job_id in list(self.jobs):
+                self.engine.cancel(job_id)
+            while self.engine.busy():
+                self.engine.step()
+            self.jobs.clear()
+
+    def _start_job(self, pipe: zmq.Socket, job_id: str, request: dict) -> None:
+        if job_id in self.jobs:
+            log.warning("worker %s: dropped duplicate job %s", self.worker_id, job_id)
+            return
+        try:
+            self.engine.submit(job_id, request)
+        except JobError as exc:
+            pipe.send_multipart(ewp.encode(ewp.ERROR, job_id, ewp.error_body(exc.code, exc.message, exc.param)))
+            return
+        except Exception as exc:  # a bug in the engine must not kill the worker
+            log.exception("worker %s: job %s failed to start", self.worker_id, job_id)
+            pipe.send_multipart(ewp.encode(ewp.ERROR, job_id,
+                                           ewp.error_body("internal_error", f"worker error: {exc}")))
+            return
+        self.jobs.add(job_id)
+
+    # -- connection thread ---------------------------------------------------------------
+    def _open(self) -> zmq.Socket:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.curve is not None:
@@ -81,101 +151,69 @@ class WorkerLoop:
             sock.curve_publickey = self.curve.public
             sock.curve_secretkey = self.curve.secret
         sock.connect(self.connect)
-        self.socket = sock
-        self._send(ewp.READY, body={
+        sock.send_multipart(ewp.encode(ewp.READY, body={
             "model": self.model,
             "kind": self.engine.kind,
             "slots": self.engine.slots,
             "pid": os.getpid(),
             "worker_id": self.worker_id,
             **self.engine.describe(),
-        })
+        }))
         log.info("worker %s: registered model %r at %s", self.worker_id, self.model, self.connect)
+        return sock
 
-    def _close(self) -> None:
-        if self.socket is not None:
-            self.socket.close(0)
-            self.socket = None
-
-    def _send(self, command: bytes, job_id: str | None = None, body: dict | None = None) -> None:
-        self.socket.send_multipart(ewp.encode(command, job_id, body))
-
-    # -- main loop ---------------------------------------------------------------------
-    def run(self) -> None:
+    def _connection_loop(self) -> None:
+        pipe = self.context.socket(zmq.PAIR)
+        pipe.setsockopt(zmq.LINGER, 0)
+        pipe.connect(self._pipe_addr)
+        broker = self._open()
         backoff = ewp.RECONNECT_INITIAL
-        self._open()
-        broker_expiry = time.monotonic() + ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS
+        liveness = ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS
+        broker_expiry = time.monotonic() + liveness
         next_heartbeat = time.monotonic()
-        while self.running:
-            timeout_ms = 0 if self.engine.busy() else int(ewp.HEARTBEAT_INTERVAL * 1000)
-            if self.socket.poll(timeout_ms, zmq.POLLIN):
-                while self.socket.poll(0, zmq.POLLIN):
-                    self._handle(self.socket.recv_multipart())
-                broker_expiry = time.monotonic() + ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS
-                backoff = ewp.RECONNECT_INITIAL
-            if self.engine.busy():
-                for event in self.engine.step():
-                    if event.command in (ewp.DONE, ewp.ERROR):
-                        self.jobs.discard(event.job_id)
-                    self._send(event.command, event.job_id, event.body)
+        poller = zmq.Poller()
+        poller.register(pipe, zmq.POLLIN)
+        poller.register(broker, zmq.POLLIN)
+        while self.running.is_set():
+            ready = dict(poller.poll(int(ewp.HEARTBEAT_INTERVAL * 1000 / 4)))
+            if broker in ready:
+                while broker.poll(0, zmq.POLLIN):
+                    frames = broker.recv_multipart()
+                    broker_expiry = time.monotonic() + liveness
+                    backoff = ewp.RECONNECT_INITIAL
+                    try:
+                        msg = ewp.decode(frames)
+                    except ewp.ProtocolError as exc:
+                        log.warning("worker %s: dropped a bad message from the broker: %s", self.worker_id, exc)
+                        continue
+                    if msg.command in (ewp.JOB, ewp.CANCEL):
+                        pipe.send_multipart(frames)
+                    elif msg.command == ewp.DISCONNECT:
+                        log.info("worker %s: the broker asked us to register again", self.worker_id)
+                        pipe.send_multipart(ewp.encode(ewp.DISCONNECT))
+                        broker_expiry = 0  # reconnect now
+                    elif msg.command != ewp.HEARTBEAT:
+                        log.warning("worker %s: dropped unexpected %s from the broker", self.worker_id, msg.name)
+            if pipe in ready:
+                while pipe.poll(0, zmq.POLLIN):
+                    broker.send_multipart(pipe.recv_multipart())
             now = time.monotonic()
             if now >= next_heartbeat:
-                self._send(ewp.HEARTBEAT, body={"free_slots": self.engine.free_slots(),
-                                                "active": len(self.jobs)})
+                broker.send_multipart(ewp.encode(ewp.HEARTBEAT, body={"free_slots": self.free_slots,
+                                                                      "active": len(self.jobs)}))
                 next_heartbeat = now + ewp.HEARTBEAT_INTERVAL
             if now > broker_expiry:
-                log.warning("worker %s: broker silent, reconnecting in %.2fs", self.worker_id, backoff)
-                self._drop_all_jobs()
-                self._close()
+                if broker_expiry:
+                    log.warning("worker %s: broker silent for %.0fs, reconnecting in %.2fs", self.worker_id,
+                                liveness, backoff)
+                    pipe.send_multipart(ewp.encode(ewp.DISCONNECT))
+                poller.unregister(broker)
+                broker.close(0)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, ewp.RECONNECT_MAX)
-                self._open()
-                broker_expiry = time.monotonic() + ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS
-        if self.socket is not None:
-            self._send(ewp.DISCONNECT)
-            self._close()
-
-    def stop(self) -> None:
-        self.running = False
-
-    def _drop_all_jobs(self) -> None:
-        """A broker that went away forgot our jobs: stop generating them."""
-        for job_id in list(self.jobs):
-            self.engine.cancel(job_id)
-        while self.engine.busy():
-            self.engine.step()
-        self.jobs.clear()
-
-    def _handle(self, frames: list[bytes]) -> None:
-        try:
-            msg = ewp.decode(frames)
-        except ewp.ProtocolError as exc:
-            log.warning("worker %s: dropped a bad message from the broker: %s", self.worker_id, exc)
-            return
-        if msg.command == ewp.JOB:
-            self._start_job(msg.job_id, msg.body)
-        elif msg.command == ewp.CANCEL:
-            if msg.job_id in self.jobs:
-                self.engine.cancel(msg.job_id)
-        elif msg.command == ewp.DISCONNECT:
-            log.info("worker %s: broker asked us to register again", self.worker_id)
-            self._drop_all_jobs()
-            self._close()
-            self._open()
-        elif msg.command != ewp.HEARTBEAT:
-            log.warning("worker %s: dropped unexpected %s from the broker", self.worker_id, msg.name)
-
-    def _start_job(self, job_id: str, request: dict) -> None:
-        if job_id in self.jobs:
-            log.warning("worker %s: dropped duplicate job %s", self.worker_id, job_id)
-            return
-        try:
-            self.engine.submit(job_id, request)
-        except JobError as exc:
-            self._send(ewp.ERROR, job_id, ewp.error_body(exc.code, exc.message, exc.param))
-            return
-        except Exception as exc:  # a bug in the engine must not kill the worker
-            log.exception("worker %s: job %s failed to start", self.worker_id, job_id)
-            self._send(ewp.ERROR, job_id, ewp.error_body("internal_error", f"worker error: {exc}"))
-            return
-        self.jobs.add(job_id)
+                broker = self._open()
+                poller.register(broker, zmq.POLLIN)
+                broker_expiry = time.monotonic() + liveness
+        broker.send_multipart(ewp.encode(ewp.DISCONNECT))
+        broker.close(0)
+        pipe.close(0)

@@ -43,7 +43,7 @@ class LoadedModel:
     """A model and one context over it, freed together."""
 
     def __init__(self, path: str, *, n_ctx: int, n_batch: int, n_seq_max: int, threads: int,
-                 n_gpu_layers: int = 0, embeddings: bool = False, pooling_type: int | None = None):
+                 n_gpu_layers: int = 0, embeddings: bool = False, kv_unified: bool = False):
         if not os.path.isfile(path):
             raise ModelLoadError(f"model file not found: {path}")
         lc.llama_backend_init()
@@ -66,10 +66,9 @@ class LoadedModel:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.embeddings = embeddings
-        # Each sequence gets its own n_ctx / n_seq_max cells, so one long chat cannot starve the others.
-        cparams.kv_unified = False
-        if pooling_type is not None:
-            cparams.pooling_type = pooling_type
+        # Chat: each sequence gets its own n_ctx / n_seq_max cells, so one long chat cannot starve
+        # the others. Embeddings: sequences are short-lived and share the whole context.
+        cparams.kv_unified = kv_unified
         self.ctx = lc.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             lc.llama_model_free(self.model)

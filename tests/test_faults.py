@@ -1,0 +1,118 @@
+"""Fault injection: workers that die, stall or send garbage never hang a request or the server.
+
+The server here has short timeouts and only hand-started fake workers (tests/fake_worker.py),
+which run the real WorkerLoop and real ZeroMQ sockets with a misbehaving engine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from conftest import ROOT, ServerProcess, model_config, sse_events
+from worker import protocol as ewp
+
+FAKES = ("fake-echo", "fake-die", "fake-stall", "fake-garbage", "fake-absent")
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    config = "queue_timeout = 2.0\nrequest_timeout = 6.0\n" + "".join(
+        model_config(name, ROOT / "no-model-file.gguf", workers=0) for name in FAKES)
+    srv = ServerProcess(config, tmp_path_factory.mktemp("faulty"))
+    workers = []
+
+    def start(mode: str):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_worker.py"), "--connect",
+                                 srv.worker_addr, "--model-name", f"fake-{mode}", "--mode", mode])
+        workers.append(proc)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if srv.health()["models"].get(f"fake-{mode}", {}).get("workers"):
+                return proc
+            time.sleep(0.1)
+        raise RuntimeError(f"fake worker {mode} did not register")
+
+    srv.start_fake = start
+    yield srv
+    for proc in workers:
+        proc.kill()
+        proc.wait()
+    srv.stop()
+
+
+def ask(srv, model: str, stream: bool = False, timeout: float = 30):
+    return srv.http.post("/v1/chat/completions", timeout=timeout,
+                         json={"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_fake_worker_sanity(faulty):
+    faulty.start_fake("echo")
+    r = ask(faulty, "fake-echo")
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == "hello world"
+
+
+def test_no_worker_for_model_is_503(faulty):
+    started = time.monotonic()
+    r = ask(faulty, "fake-absent")
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "queue_timeout"
+    assert "no worker" in r.json()["error"]["message"]
+    assert r.headers["Retry-After"]
+    assert time.monotonic() - started < 10
+
+
+def test_worker_dies_mid_request(faulty):
+    faulty.start_fake("die")
+    r = ask(faulty, "fake-die")
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "worker_lost"
+
+
+def test_worker_dies_mid_stream(faulty):
+    faulty.start_fake("die")
+    with faulty.http.stream("POST", "/v1/chat/completions", timeout=30, json={
+            "model": "fake-die", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    assert events[0]["choices"][0]["delta"]["content"] == "hello"
+    assert events[-2]["error"]["code"] == "worker_lost"
+    assert events[-1] == "[DONE]"
+
+
+def test_stalled_worker_is_503_not_a_hang(faulty):
+    faulty.start_fake("stall")
+    started = time.monotonic()
+    r = ask(faulty, "fake-stall")
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "worker_timeout"
+    assert time.monotonic() - started < 15
+
+
+def test_garbage_reply_is_an_error(faulty):
+    faulty.start_fake("garbage")
+    r = ask(faulty, "fake-garbage")
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "worker_protocol_error"
+
+
+def test_garbage_frames_are_dropped(faulty):
+    """Raw junk on the worker socket is logged and dropped; the server keeps serving."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(faulty.worker_addr)
+    for frames in ([b"junk"], [b"EWP1"], [b"EWP1", b"\x99"], [ewp.PROTOCOL, ewp.READY, b"not json"],
+                   [ewp.PROTOCOL, ewp.READY, b'{"model": 5}'], [ewp.PROTOCOL, ewp.CHUNK, b"nojobid", b"{}"],
+                   [ewp.PROTOCOL, ewp.DONE, b"0" * 32, b"[]"]):
+        sock.send_multipart(frames)
+    time.sleep(0.5)
+    sock.close()
+    faulty.start_fake("echo")
+    assert ask(faulty, "fake-echo").status_code == 200
+    assert "dropped a bad message" in faulty.log_text()

@@ -2,8 +2,9 @@
 
 This process never loads a model. It validates requests, hands jobs to the broker
 (frontend/broker.py), which routes them to worker processes (worker/) and streams their
-output back. One route table, one dispatcher; handlers raise, and ``error_response`` turns
-every exception into the JSON error body.
+output back, and keeps documents and vectors in the store (store/). One route table, one
+dispatcher; handlers raise, and ``error_response`` turns every exception into the JSON
+error body.
 """
 
 from __future__ import annotations
@@ -15,18 +16,23 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
+from frontend import validation as v
 from frontend.broker import Broker, BrokerLimits, JobClient
 from frontend.chat_api import ChatResponder, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
+from frontend.embeddings_api import embeddings_response, parse_embeddings
 from frontend.errors import APIError, bad_request, error_response
+from frontend.jobs import JobRunner
+from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context
 from frontend.supervisor import Supervisor
-from frontend.validation import json_object
+from store import FileRecord, Store, StoreError
 from worker import protocol as ewp
 
 log = logging.getLogger("edgellm.server")
@@ -39,19 +45,41 @@ def sse(data) -> bytes:
     return f"data: {text}\n\n".encode("utf-8")
 
 
+def json_response(body: dict, status: int = 200) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), status=status, mimetype="application/json")
+
+
+def file_object(record: FileRecord) -> dict:
+    return {"id": record.id, "object": "file", "bytes": record.size, "created_at": record.created_at,
+            "filename": record.filename, "purpose": record.purpose}
+
+
 class EdgeLLM:
     """The WSGI application."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
         self.created = int(time.time())
+        Path(config.store_path).parent.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.store_path)
         self.broker = Broker(config.worker_addr, limits=BrokerLimits(config.queue_size, config.queue_timeout),
                              **_curve_server_keys(config.curve_secret_key_file))
         self.supervisor = Supervisor(config.models, self.broker.worker_addr,
                                      verbose=config.log_level == "debug")
+        self.jobs = JobRunner(config.queue_timeout, config.request_timeout)
+        self.knowledge = Knowledge(self.store, self.jobs, chunk_capacity=config.chunk_capacity)
         self.url_map = Map([
             Rule("/v1/chat/completions", endpoint="chat_completions", methods=["POST"]),
+            Rule("/v1/embeddings", endpoint="embeddings", methods=["POST"]),
+            Rule("/v1/retrieve", endpoint="retrieve", methods=["POST"]),
             Rule("/v1/models", endpoint="models", methods=["GET", "POST"]),
+            Rule("/v1/files", endpoint="upload_file", methods=["POST"]),
+            Rule("/v1/files", endpoint="list_files", methods=["GET"]),
+            Rule("/v1/files/<file_id>", endpoint="get_file", methods=["GET"]),
+            Rule("/v1/files/<file_id>", endpoint="delete_file", methods=["DELETE"]),
+            Rule("/v1/files/<file_id>/content", endpoint="file_content", methods=["GET"]),
+            Rule("/v1/chunks", endpoint="chunks", methods=["POST"]),
+            Rule("/v1/create/rag", endpoint="create_rag", methods=["POST"]),
             Rule("/health", endpoint="health", methods=["GET"]),
         ])
 
@@ -64,6 +92,7 @@ class EdgeLLM:
     def stop(self) -> None:
         self.supervisor.stop()
         self.broker.stop()
+        self.store.close()
 
     # -- WSGI ----------------------------------------------------------------------------
     def dispatch_request(self, request: Request) -> Response:
@@ -71,14 +100,13 @@ class EdgeLLM:
         try:
             endpoint, values = adapter.match()
             return getattr(self, f"on_{endpoint}")(request, **values)
-        except (HTTPException, APIError) as exc:
-            return error_response(exc)
-        except Exception as exc:
+        except Exception as exc:  # HTTPException, APIError, StoreError and bugs alike
             return error_response(exc)
 
     def wsgi_app(self, environ, start_response):
         request = Request(environ)
         request.max_content_length = self.config.max_body_bytes
+        request.max_form_memory_size = self.config.max_body_bytes
         response = self.dispatch_request(request)
         return response(environ, start_response)
 
@@ -92,7 +120,15 @@ class EdgeLLM:
             body = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-        return json_object(body)
+        return v.json_object(body)
+
+    def uploaded_file(self, request: Request) -> tuple[str, bytes, str]:
+        upload = request.files.get("file")
+        if upload is None or not upload.filename:
+            raise bad_request("send the document as multipart/form-data field 'file' "
+                              "(curl -F file=@notes.md ...)", "file")
+        data = upload.read(self.config.max_file_bytes + 1)
+        return upload.filename, data, check_text_file(upload.filename, data, self.config.max_file_bytes)
 
     def model_names(self) -> dict[str, str]:
         """Every model this server can answer for, configured or registered by hand: name -> kind."""
@@ -118,28 +154,26 @@ class EdgeLLM:
                               "model", code="wrong_model_kind")
         return name
 
-    def next_message(self, client: JobClient, first: bool = False) -> ewp.Message:
-        """The job's next CHUNK or DONE; an ERROR or silence becomes an APIError."""
-        timeout = self.config.request_timeout + (self.config.queue_timeout if first else 0)
-        msg = client.receive(timeout)
-        if msg is None:
-            raise APIError(503, f"the worker did not answer within {timeout:g}s; the request was cancelled",
-                           "worker_timeout")
-        if msg.command == ewp.ERROR:
-            raise APIError.from_worker(msg.body, msg.body.get("headers"))
-        return msg
+    def collection_name(self, body: dict) -> str:
+        return v.string(body, "collection", self.config.default_collection)
 
-    # -- endpoints -----------------------------------------------------------------------
+    def ingest_model(self, body_model: str | None, collection: str) -> str:
+        """The embedding model for ingesting into a collection: the one it was built with, by default."""
+        existing = self.store.get_collection(collection)
+        return self.resolve_model(body_model or (existing.model if existing else None), "embedding")
+
+    # -- chat ----------------------------------------------------------------------------
     def on_chat_completions(self, request: Request) -> Response:
-        call = parse_chat(self.json_body(request))
+        body = self.json_body(request)
+        call = parse_chat(body)
         model = self.resolve_model(call.model, "chat")
-        client = JobClient()
-        try:
-            client.submit(model, call.job)
-            first = self.next_message(client, first=True)
-        except BaseException:
-            client.close()
-            raise
+        model_config = self.config.model(model)
+        if model_config and model_config.rag_collection and v.boolean(body, "rag", default=True):
+            hits = self.knowledge.retrieve(last_user_text(call.job["messages"]), model_config.rag_collection,
+                                           model=None, limit=self.config.retrieve_limit,
+                                           score_threshold=self.config.score_threshold)
+            call.job["messages"] = merge_context(call.job["messages"], hits, model_config)
+        client, first = self.jobs.start(model, call.job)
         responder = ChatResponder(model)
         if call.stream:
             return Response(self._stream_chat(client, first, responder, call.include_usage),
@@ -149,11 +183,10 @@ class EdgeLLM:
         try:
             while msg.command == ewp.CHUNK:
                 parts.append(msg.body["text"])
-                msg = self.next_message(client)
+                msg = self.jobs.next_message(client)
         finally:
             client.close()
-        body = responder.completion("".join(parts), msg.body["finish_reason"], msg.body["usage"])
-        return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
+        return json_response(responder.completion("".join(parts), msg.body["finish_reason"], msg.body["usage"]))
 
     def _stream_chat(self, client: JobClient, msg: ewp.Message, responder: ChatResponder, include_usage: bool):
         """Server-sent events; runs after the 200 is committed, so errors become an error event."""
@@ -163,7 +196,7 @@ class EdgeLLM:
             while msg.command == ewp.CHUNK:
                 yield sse(responder.chunk({"role": "assistant", "content": msg.body["text"]},
                                           usage_field=include_usage))
-                msg = self.next_message(client)
+                msg = self.jobs.next_message(client)
             yield sse(responder.chunk({}, msg.body["finish_reason"], usage_field=include_usage))
             if include_usage:
                 yield sse(responder.usage_chunk(msg.body["usage"]))
@@ -173,16 +206,86 @@ class EdgeLLM:
             client.close()  # also runs when the client disconnects: the job is cancelled
         yield sse("[DONE]")
 
+    # -- embeddings and retrieval --------------------------------------------------------
+    def on_embeddings(self, request: Request) -> Response:
+        name, inputs, encoding = parse_embeddings(self.json_body(request))
+        model = self.resolve_model(name, "embedding")
+        chunks, done = self.jobs.collect(model, {"kind": "embedding", "input": inputs})
+        return json_response(embeddings_response(model, chunks, done["usage"], encoding))
+
+    def on_retrieve(self, request: Request) -> Response:
+        body = self.json_body(request)
+        call = parse_chat(body)
+        if call.model is not None and self.model_names().get(call.model) == "chat":
+            call.model = None  # a chat model named here (as RAG clients do) leaves the collection's own
+        elif call.model is not None:
+            self.resolve_model(call.model, "embedding")
+        limit = v.integer(body, "limit", 1, 1000, default=self.config.retrieve_limit)
+        threshold = v.number(body, "score_threshold", -1, 1, default=self.config.score_threshold)
+        hits = self.knowledge.retrieve(last_user_text(call.job["messages"]), self.collection_name(body),
+                                       model=call.model, limit=limit, score_threshold=threshold)
+        return json_response({"points": [{"source": h.text, "score": h.score} for h in hits],
+                              "limit": limit, "score_threshold": threshold})
+
+    # -- files and ingestion -------------------------------------------------------------
+    def on_upload_file(self, request: Request) -> Response:
+        filename, data, _ = self.uploaded_file(request)
+        purpose = request.form.get("purpose") or "assistants"
+        return json_response(file_object(self.store.add_file(filename, data, purpose)))
+
+    def on_list_files(self, request: Request) -> Response:
+        return json_response({"object": "list", "data": [file_object(f) for f in self.store.list_files()]})
+
+    def on_get_file(self, request: Request, file_id: str) -> Response:
+        return json_response(file_object(self.store.get_file(file_id)))
+
+    def on_file_content(self, request: Request, file_id: str) -> Response:
+        record = self.store.get_file(file_id)
+        return Response(self.store.get_file_content(file_id), mimetype="text/plain",
+                        headers={"Content-Disposition": f'attachment; filename="{record.filename}"'})
+
+    def on_delete_file(self, request: Request, file_id: str) -> Response:
+        self.store.delete_file(file_id)
+        return json_response({"id": file_id, "object": "file", "deleted": True})
+
+    def on_chunks(self, request: Request) -> Response:
+        body = self.json_body(request)
+        file_id = v.string(body, "id", required=True)
+        capacity = v.integer(body, "chunk_capacity", 1, 100_000, default=self.config.chunk_capacity)
+        record = self.store.get_file(file_id)
+        text = check_text_file(record.filename, self.store.get_file_content(file_id), self.config.max_file_bytes)
+        model = self.resolve_model(v.string(body, "model"), "embedding")
+        chunks = self.knowledge.chunk(model, text, capacity)
+        return json_response({"id": record.id, "filename": v.string(body, "filename", record.filename),
+                              "chunks": chunks})
+
+    def on_create_rag(self, request: Request) -> Response:
+        filename, data, text = self.uploaded_file(request)
+        form = {k: val for k, val in request.form.items() if val != ""}
+        collection = self.collection_name(form)
+        capacity = form.get("chunk_capacity")
+        if capacity is not None and (not capacity.isdigit() or int(capacity) < 1):
+            raise bad_request("'chunk_capacity' must be a positive integer", "chunk_capacity")
+        model = self.ingest_model(form.get("model"), collection)
+        result = self.knowledge.ingest(filename, data, text, collection=collection, model=model,
+                                       capacity=int(capacity) if capacity else None)
+        return json_response({"id": result.file_id, "object": "file", "filename": result.filename,
+                              "collection": result.collection, "model": model, "status": result.status,
+                              "chunks": result.chunks, "usage": {"prompt_tokens": result.prompt_tokens,
+                                                                 "total_tokens": result.prompt_tokens}})
+
+    # -- listing and health --------------------------------------------------------------
     def on_models(self, request: Request) -> Response:
         data = [{"id": name, "created": self.created, "object": "model", "owned_by": "edgellm"}
                 for name in self.model_names()]
-        return Response(json.dumps({"object": "list", "data": data}), mimetype="application/json")
+        return json_response({"object": "list", "data": data})
 
     def on_health(self, request: Request) -> Response:
         snapshot = self.broker.snapshot()
-        waiting = [m.name for m in self.config.models if m.workers > 0 and not snapshot.get(m.name, {}).get("workers")]
+        waiting = [m.name for m in self.config.models
+                   if m.workers > 0 and not snapshot.get(m.name, {}).get("workers")]
         body = {"status": "loading" if waiting else "ok", "waiting_for": waiting, "models": snapshot}
-        return Response(json.dumps(body), status=503 if waiting else 200, mimetype="application/json")
+        return json_response(body, status=503 if waiting else 200)
 
 
 def _curve_server_keys(path: str | None) -> dict:
@@ -198,7 +301,7 @@ def create_app(config: ServerConfig) -> EdgeLLM:
 
 def serve(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edgellm", description="OpenAI-compatible LLM API server. "
-                                     "Subcommands: 'edgellm worker --help'.")
+                                     "Subcommands: 'edgellm worker --help', 'edgellm ingest --help'.")
     add_server_flags(parser)
     args = parser.parse_args(argv)
     try:
@@ -207,7 +310,11 @@ def serve(argv: list[str]) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(config).start()
+    try:
+        app = create_app(config).start()
+    except StoreError as exc:
+        log.error("cannot open the store %s: %s", config.store_path, exc)
+        return 2
     httpd = make_server(config.host, config.port, app, threaded=True)
     stop = threading.Event()
 
@@ -232,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "worker":
         from worker.__main__ import main as worker_main
         return worker_main(argv[1:])
+    if argv and argv[0] == "ingest":
+        from frontend.ingest_cli import main as ingest_main
+        return ingest_main(argv[1:])
     return serve(argv)
 
 

@@ -34,6 +34,13 @@ class ModelConfig:
     gpus: list[str] = field(default_factory=list)  # per worker, e.g. ["0", "1"]
     n_gpu_layers: int = 0
     chat_template: str | None = None
+    rag_collection: str | None = None  # chat models: retrieve from this collection for every chat
+    rag_policy: str = "system-message"  # or "last-user-message": where the retrieved context goes
+    rag_prompt: str | None = None  # the words put before the context (default: RAG_PROMPT)
+
+
+RAG_PROMPT = ("Use the following context to answer the question. If the context does not contain the "
+              "answer, say that you do not know.\n----------------\n")
 
 
 @dataclass
@@ -48,6 +55,12 @@ class ServerConfig:
     request_timeout: float = 120.0  # seconds of silence from a busy worker before 503
     log_level: str = "info"
     curve_secret_key_file: str | None = None  # enables CURVE for remote workers
+    store_path: str = "data/edgellm.db"  # the sqlite-vec file: files, documents, chunks, vectors
+    max_file_bytes: int = 10 * 1024 * 1024  # largest file accepted by /v1/files and /v1/create/rag
+    default_collection: str = "default"  # used when a request names no collection
+    chunk_capacity: int = 100  # tokens per chunk when ingesting
+    retrieve_limit: int = 5
+    score_threshold: float = 0.4
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -82,6 +95,16 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot")
     p.add_argument("--request-timeout", type=float, help="seconds of worker silence before 503")
     p.add_argument("--curve-secret-key-file", help="server CURVE key pair file: require CURVE from workers")
+    p.add_argument("--store-path", help="sqlite-vec file for documents and vectors (default data/edgellm.db)")
+    p.add_argument("--max-file-bytes", type=int, help="largest uploaded file accepted (413 above)")
+    p.add_argument("--default-collection", help="collection used when a request names none")
+    p.add_argument("--chunk-capacity", type=int, help="tokens per chunk when ingesting (default 100)")
+    p.add_argument("--rag-collection", help="retrieve from this collection for every chat (RAG)")
+    p.add_argument("--rag-policy", choices=["system-message", "last-user-message"],
+                   help="where retrieved context goes in the chat (default system-message)")
+    p.add_argument("--rag-prompt", help="the words put before the retrieved context")
+    p.add_argument("--limit", dest="retrieve_limit", type=int, help="retrieved chunks per query (default 5)")
+    p.add_argument("--score-threshold", type=float, help="lowest cosine score retrieved (default 0.4)")
     p.add_argument("--log-level", help="debug, info, warning or error")
 
 
@@ -144,11 +167,18 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
     flag_models = _models_from_flags(args)
     if flag_models:
         models = flag_models
+    for model in (m for m in models if m.kind == "chat"):
+        model.rag_collection = args.rag_collection or model.rag_collection
+        model.rag_policy = args.rag_policy or model.rag_policy
+        model.rag_prompt = args.rag_prompt or model.rag_prompt
     if args.socket_addr:
         host, _, port = args.socket_addr.rpartition(":")
         server["host"], server["port"] = host or "0.0.0.0", int(port)
+    if args.config and "store_path" in server and not os.path.isabs(server["store_path"]):
+        server["store_path"] = str(Path(args.config).parent / server["store_path"])
     for key in ("host", "port", "worker_addr", "max_body_bytes", "queue_size", "queue_timeout",
-                "request_timeout", "curve_secret_key_file", "log_level"):
+                "request_timeout", "curve_secret_key_file", "log_level", "store_path", "max_file_bytes",
+                "default_collection", "chunk_capacity", "retrieve_limit", "score_threshold"):
         value = getattr(args, key, None)
         if value is not None and not (key in ("host", "port") and args.socket_addr):
             server[key] = value
@@ -178,6 +208,10 @@ def validate(config: ServerConfig) -> None:
                 raise ConfigError(f"model {m.name!r}: {key} must be at least 1")
         if m.workers < 0:
             raise ConfigError(f"model {m.name!r}: workers must be 0 or more")
+        if m.rag_policy not in ("system-message", "last-user-message"):
+            raise ConfigError(f"model {m.name!r}: rag_policy must be 'system-message' or 'last-user-message'")
+        if m.rag_collection and m.kind != "chat":
+            raise ConfigError(f"model {m.name!r}: rag_collection applies to chat models only")
         for key in ("cores", "gpus"):
             if getattr(m, key) and len(getattr(m, key)) != m.workers:
                 raise ConfigError(f"model {m.name!r}: {key} lists {len(getattr(m, key))} entries for "

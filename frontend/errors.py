@@ -8,6 +8,8 @@ import logging
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
+from store import StoreError
+
 log = logging.getLogger("edgellm.server")
 
 # Worker error codes -> HTTP status. The spec documents 500 for an unknown model.
@@ -23,13 +25,22 @@ STATUS_FOR_CODE = {
     "worker_lost": 500,
     "worker_protocol_error": 500,
     "internal_error": 500,
+    "collection_not_found": 404,
+    "file_not_found": 404,
+    "document_not_found": 404,
+    "invalid_collection_name": 400,
+    "dimension_mismatch": 400,
+    "embedding_model_mismatch": 400,
+    "collection_conflict": 409,
 }
 
 TYPE_FOR_STATUS = {
     400: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     500: "server_error",
     503: "server_error",
 }
@@ -78,6 +89,11 @@ def error_response(exc: BaseException) -> Response:
     """Every error leaves the server through here, as JSON."""
     if isinstance(exc, HTTPException):
         exc = _from_http(exc)
+    elif isinstance(exc, StoreError):
+        status = STATUS_FOR_CODE.get(exc.code, 500)
+        if status == 500:
+            log.error("store error: %s", exc)
+        exc = APIError(status, str(exc), exc.code, "collection" if "collection" in exc.code else None)
     elif not isinstance(exc, APIError):
         log.exception("unhandled error", exc_info=exc)
         exc = APIError(500, f"internal server error: {type(exc).__name__}", "internal_error")

@@ -92,6 +92,49 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_jiffies(pids: list[int]) -> tuple[int, int, int]:
+    """(machine busy, machine total, busy of these processes) in clock ticks, to tell how much
+    of the machine other work took during a measurement (the benchmark's own clients count as ours)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+    total = busy + v[3] + v[4]
+    ours = 0
+    for pid in {os.getpid(), *pids}:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ours += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return busy, total, ours
+
+
+def foreign_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> float | None:
+    """Percent of the machine's CPU time used by processes other than ours in between."""
+    busy, total, ours = (a - b for a, b in zip(after, before))
+    return max(0.0, (busy - ours) / total * 100) if total > 0 else None
+
+
+def wait_for_quiet(args, pids: list[int]) -> float | None:
+    """Wait (at most --quiet-wait seconds) until other processes use under --quiet-below percent of
+    the machine for one second; returns the last share seen. Keeps a shared machine's other work
+    from landing in one contender's numbers only, as far as it can."""
+    if args.quiet_wait <= 0:
+        return None
+    deadline = time.monotonic() + args.quiet_wait
+    share = None
+    while True:
+        before = cpu_jiffies(pids)
+        time.sleep(1.0)
+        share = foreign_share(before, cpu_jiffies(pids))
+        if share is None or share < args.quiet_below or time.monotonic() > deadline:
+            if share is not None and share >= args.quiet_below:
+                log(f"    (machine still busy: other processes use {share:.0f}% of it; going on)")
+            return share
+        log(f"    waiting for other work to calm down (other processes use {share:.0f}% of the machine)")
+
+
 def mib(kib: int | None) -> str:
     return "-" if not kib else f"{kib / 1024:.0f}"
 
@@ -259,6 +302,7 @@ class Level:
     rss_workers: list[int] = field(default_factory=list)
     note: str = ""
     skipped_requests: int = 0  # not sent: the level's time limit was reached
+    foreign_cpu: float | None = None  # % of the machine other processes used during the level
 
     @property
     def ok(self) -> list[Result]:
@@ -328,9 +372,11 @@ def run_level(args, port: int, server: str, concurrency: int, model: str, extra:
             with lock:
                 level.results.append(res)
 
+    wait_for_quiet(args, pids)
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(concurrency)]
     for t in threads:
         t.start()
+    cpu_before = cpu_jiffies(pids)
     start = time.monotonic()
     deadline_box[0] = start + args.level_timeout
     barrier.wait()
@@ -338,6 +384,7 @@ def run_level(args, port: int, server: str, concurrency: int, model: str, extra:
         t.join(max(0.1, deadline_box[0] + args.request_timeout + 10 - time.monotonic()))
     ends = [r.end for r in level.results]
     level.wall = (max(ends) if ends else time.monotonic()) - start
+    level.foreign_cpu = foreign_share(cpu_before, cpu_jiffies(pids))
     if any(t.is_alive() for t in threads):
         level.note = "some clients did not finish in time"
     if pids:
@@ -383,22 +430,26 @@ def inprocess_child(args) -> None:
                 "finish_reason": finish}
 
     one(None, 8)  # warm-up
+    wait_for_quiet(args, [])
     out = []
+    cpu_before = cpu_jiffies([])
     t0 = time.monotonic()
     for rnd in range(args.rounds):
         out.append(one(rnd, args.tokens))  # the prompts client 0 sends to the servers at concurrency 1
     wall = time.monotonic() - t0
-    print(json.dumps({"results": out, "wall": wall, "vmhwm": proc_status(os.getpid()).get("VmHWM")}))
+    print(json.dumps({"results": out, "wall": wall, "vmhwm": proc_status(os.getpid()).get("VmHWM"),
+                      "foreign_cpu": foreign_share(cpu_before, cpu_jiffies([]))}))
 
 
 def run_inprocess(args) -> Level:
     cmd = [sys.executable, __file__, "--_inprocess-child", "--model", args.model, "--threads", str(args.threads),
-           "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
+           "--tokens", str(args.tokens), "--rounds", str(args.rounds), "--quiet-wait", str(args.quiet_wait),
+           "--quiet-below", str(args.quiet_below)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.level_timeout + 120, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"in-process run failed:\n{proc.stderr[-2000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    level = Level("in-process (llama-cpp-python)", 1, wall=data["wall"], rss_front=data["vmhwm"])
+    level = Level(IN_PROCESS, 1, wall=data["wall"], rss_front=data["vmhwm"], foreign_cpu=data["foreign_cpu"])
     for d in data["results"]:
         r = Result(start=d["start"], end=d["end"], first=d["first"], last=d["last"], chunks=d["chunks"],
                    tokens=d["chunks"], finish_reason=d["finish_reason"])
@@ -480,7 +531,8 @@ def run_server_levels(args, name: str, start, extra: dict, levels: list[int], pe
 def summary_line(level: Level) -> str:
     return (f"ok {len(level.ok)}/{len(level.results)}  tokens {level.total_tokens}  wall {level.wall:.1f}s  "
             f"total {fmt(level.total_rate, 1)} tok/s  stream {fmt(level.stream_rate, 1)} tok/s  "
-            f"TTFT p50 {fmt_ms(level.ttft(0.5))} p95 {fmt_ms(level.ttft(0.95))}"
+            f"TTFT p50 {fmt_ms(level.ttft(0.5))} p95 {fmt_ms(level.ttft(0.95))}  "
+            f"other CPU {fmt(level.foreign_cpu, 0)}%"
             + (f"  errors: {level.errors[0].error}" if level.errors else ""))
 
 
@@ -589,12 +641,14 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
              "`usage.completion_tokens` where it streams one, else content chunks; total tok/s = all tokens "
              "of the level / its wall time; stream tok/s = median over requests of (tokens - 1) / (last chunk "
              "- first chunk), i.e. decode speed seen by one client; RSS = peak resident memory (VmHWM) of the "
-             "front-end / server process and of each worker process (edgellm only), in MiB.\n")
+             "front-end / server process and of each worker process (edgellm only), in MiB; other CPU = share of "
+             "the machine's CPU time that processes other than the benchmark and the server under test used "
+             "during the level (this machine is shared: a high value means that row is disturbed).\n")
 
     L.append("## Results\n")
     L.append("| contender | conc. | slots | ok/sent | tokens/req | TTFT p50 | TTFT p95 | total tok/s | "
-             "stream tok/s | RSS front (MiB) | RSS workers (MiB) | notes |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+             "stream tok/s | RSS front (MiB) | RSS workers (MiB) | other CPU | notes |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for lv in sorted(levels, key=lambda lv: (lv.concurrency, ORDER.get(lv.server, 9))):
         notes = []
         if lv.note:
@@ -616,7 +670,8 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
         L.append(f"| {lv.server} | {lv.concurrency} | {lv.parallel or '-'} | {len(lv.ok)}/{sent} | "
                  f"{fmt(lv.mean_tokens, 0)} | {fmt_ms(lv.ttft(0.5))} | {fmt_ms(lv.ttft(0.95))} | "
                  f"{fmt(lv.total_rate)} | {fmt(lv.stream_rate)} | {mib(lv.rss_front)} | "
-                 f"{' + '.join(mib(w) for w in lv.rss_workers) or '-'} | {'; '.join(notes)} |")
+                 f"{' + '.join(mib(w) for w in lv.rss_workers) or '-'} | {fmt(lv.foreign_cpu, 0)}% | "
+                 f"{'; '.join(notes)} |")
     L.append("")
 
     L.append("## Targets\n")
@@ -666,6 +721,10 @@ def parse_args(argv):
     p.add_argument("--request-timeout", type=float, default=180.0)
     p.add_argument("--level-timeout", type=float, default=300.0)
     p.add_argument("--start-timeout", type=float, default=120.0)
+    p.add_argument("--quiet-wait", type=float, default=60.0,
+                   help="before each level, wait up to this many seconds for other processes to go below "
+                        "--quiet-below percent of the machine's CPU (0: do not wait)")
+    p.add_argument("--quiet-below", type=float, default=10.0)
     p.add_argument("--out", help="write the markdown report here (default: print it)")
     p.add_argument("--_inprocess-child", dest="inprocess_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -117,22 +117,8 @@ class Store:
     # Files
 
     def add_file(self, filename: str, data: bytes, purpose: str = "assistants") -> FileRecord:
-        data = bytes(data)
-        record = FileRecord(
-            id="file_" + secrets.token_hex(12),
-            filename=filename,
-            purpose=purpose,
-            size=len(data),
-            content_hash=hashlib.sha256(data).hexdigest(),
-            created_at=int(time.time()),
-        )
         with self._pool.connection() as conn, conn.transaction():
-            conn.execute(
-                f"INSERT INTO files ({_FILE_COLUMNS}, bytes) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (record.id, record.filename, record.purpose, record.size, record.content_hash,
-                 record.created_at, data),
-            )
-        return record
+            return _insert_file(conn, filename, data, purpose)
 
     def list_files(self) -> list[FileRecord]:
         """All files, oldest first."""
@@ -187,48 +173,32 @@ class Store:
         if len(chunks) != len(vectors):
             raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
         with self._pool.connection() as conn, conn.transaction():
-            collection_id, info = _require_collection(conn, collection)
-            blobs = [_vector_blob(vector, info) for vector in vectors]
             if file_id is not None and conn.fetchone("SELECT 1 FROM files WHERE id = ?", (file_id,)) is None:
                 raise FileNotFound(f"no file with id {file_id!r}")
-            existing = conn.fetchone(
-                "SELECT id, content_hash FROM documents WHERE collection_id = ? AND source = ?",
-                (collection_id, source),
-            )
-            if existing is not None and existing[1] == content_hash:
-                conn.execute(
-                    "UPDATE documents SET file_id = ? WHERE id = ? AND file_id IS NOT ?",
-                    (file_id, existing[0], file_id),
-                )
-                return existing[0], "unchanged"
-            now = int(time.time())
-            if existing is not None:
-                document_id, status = existing[0], "replaced"
-                _delete_chunks(conn, collection_id, document_id)
-                conn.execute(
-                    "UPDATE documents SET content_hash = ?, file_id = ?, created_at = ? WHERE id = ?",
-                    (content_hash, file_id, now, document_id),
-                )
-            else:
-                status = "added"
-                conn.execute(
-                    "INSERT INTO documents (collection_id, file_id, source, content_hash, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (collection_id, file_id, source, content_hash, now),
-                )
-                document_id = conn.fetchvalue("SELECT last_insert_rowid()")
-            conn.executemany(
-                "INSERT INTO chunks (document_id, ordinal, text) VALUES (?, ?, ?)",
-                [(document_id, ordinal, text) for ordinal, text in enumerate(chunks)],
-            )
-            chunk_ids = [
-                chunk_id
-                for (chunk_id,) in conn.execute(
-                    "SELECT id FROM chunks WHERE document_id = ? ORDER BY ordinal", (document_id,)
-                )
-            ]
-            vec_tables.insert(conn, collection_id, list(zip(chunk_ids, blobs)))
+            document_id, status, _ = _upsert(conn, collection, source, content_hash, chunks, vectors, file_id)
             return document_id, status
+
+    def ingest_file(
+        self,
+        collection: str,
+        filename: str,
+        data: bytes,
+        chunks: Sequence[str],
+        vectors: Sequence[Sequence[float]],
+    ) -> tuple[FileRecord, int, UpsertStatus]:
+        """Store an uploaded document and its chunks and vectors in ONE transaction, so a crash
+        leaves either all of it or none. The document's source is its filename and its hash the
+        file's; a replaced document's old file is deleted with it unless another document uses it."""
+        if len(chunks) != len(vectors):
+            raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
+        with self._pool.connection() as conn, conn.transaction():
+            record = _insert_file(conn, filename, data, "assistants")
+            document_id, status, old_file = _upsert(conn, collection, filename, record.content_hash, chunks,
+                                                    vectors, record.id)
+            if old_file is not None and old_file != record.id and conn.fetchone(
+                    "SELECT 1 FROM documents WHERE file_id = ?", (old_file,)) is None:
+                conn.execute("DELETE FROM files WHERE id = ?", (old_file,))
+            return record, document_id, status
 
     def get_document(self, collection: str, source: str) -> DocumentRecord | None:
         """The stored document for ``source``; compare its hash to skip re-embedding."""
@@ -334,3 +304,66 @@ def _delete_chunks(conn: Connection, collection_id: int, document_id: int) -> No
     ]
     vec_tables.delete(conn, collection_id, chunk_ids)
     conn.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
+
+
+def _insert_file(conn, filename: str, data: bytes, purpose: str) -> FileRecord:
+    data = bytes(data)
+    record = FileRecord(
+        id="file_" + secrets.token_hex(12),
+        filename=filename,
+        purpose=purpose,
+        size=len(data),
+        content_hash=hashlib.sha256(data).hexdigest(),
+        created_at=int(time.time()),
+    )
+    conn.execute(
+        f"INSERT INTO files ({_FILE_COLUMNS}, bytes) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (record.id, record.filename, record.purpose, record.size, record.content_hash,
+         record.created_at, data),
+    )
+    return record
+
+
+def _upsert(conn, collection, source, content_hash, chunks, vectors, file_id):
+    """The body of upsert_document, inside the caller's transaction.
+    Returns (document id, status, the file id the document was linked to before)."""
+    collection_id, info = _require_collection(conn, collection)
+    blobs = [_vector_blob(vector, info) for vector in vectors]
+    existing = conn.fetchone(
+        "SELECT id, content_hash, file_id FROM documents WHERE collection_id = ? AND source = ?",
+        (collection_id, source),
+    )
+    if existing is not None and existing[1] == content_hash:
+        conn.execute(
+            "UPDATE documents SET file_id = ? WHERE id = ? AND file_id IS NOT ?",
+            (file_id, existing[0], file_id),
+        )
+        return existing[0], "unchanged", existing[2]
+    now = int(time.time())
+    if existing is not None:
+        document_id, status = existing[0], "replaced"
+        _delete_chunks(conn, collection_id, document_id)
+        conn.execute(
+            "UPDATE documents SET content_hash = ?, file_id = ?, created_at = ? WHERE id = ?",
+            (content_hash, file_id, now, document_id),
+        )
+    else:
+        status = "added"
+        conn.execute(
+            "INSERT INTO documents (collection_id, file_id, source, content_hash, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (collection_id, file_id, source, content_hash, now),
+        )
+        document_id = conn.fetchvalue("SELECT last_insert_rowid()")
+    conn.executemany(
+        "INSERT INTO chunks (document_id, ordinal, text) VALUES (?, ?, ?)",
+        [(document_id, ordinal, text) for ordinal, text in enumerate(chunks)],
+    )
+    chunk_ids = [
+        chunk_id
+        for (chunk_id,) in conn.execute(
+            "SELECT id FROM chunks WHERE document_id = ? ORDER BY ordinal", (document_id,)
+        )
+    ]
+    vec_tables.insert(conn, collection_id, list(zip(chunk_ids, blobs)))
+    return document_id, status, existing[2] if existing is not None else None

@@ -44,7 +44,8 @@ class ServerProcess:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "server.py"), "--config", str(config), "--host", "127.0.0.1",
-             "--port", str(self.port), "--worker-addr", self.worker_addr, *extra_args],
+             "--port", str(self.port), "--worker-addr", self.worker_addr, "--store-path",
+             str(tmp / "store.db"), *extra_args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=120)
@@ -93,12 +94,14 @@ def model_config(name: str, path: Path, **settings) -> str:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """The default chat model (4 slots) and Gemma 3 270M as a second model."""
-    for path in (CHAT_PATH, GEMMA_PATH):
+    """The default chat model (4 slots), Gemma 3 270M as a second chat model, and the embedding model."""
+    for path in (CHAT_PATH, GEMMA_PATH, EMBED_PATH):
         if not path.exists():
             pytest.fail(f"{path} is missing: run scripts/setup.sh --test-models first")
-    config = "max_body_bytes = 1000000\n" + model_config(CHAT_MODEL, CHAT_PATH, parallel=4, threads=2) \
-        + model_config(GEMMA_MODEL, GEMMA_PATH, parallel=1, threads=2, ctx_size=1024)
+    config = "max_body_bytes = 1000000\nmax_file_bytes = 200000\n" \
+        + model_config(CHAT_MODEL, CHAT_PATH, parallel=4, threads=2) \
+        + model_config(GEMMA_MODEL, GEMMA_PATH, parallel=1, threads=2, ctx_size=1024) \
+        + model_config(EMBED_MODEL, EMBED_PATH, kind="embedding", ctx_size=512, parallel=4, threads=2)
     srv = ServerProcess(config, tmp_path_factory.mktemp("server"))
     yield srv
     srv.stop()

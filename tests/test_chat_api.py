@@ -7,7 +7,7 @@ import re
 import pytest
 from llama_cpp import Llama
 
-from conftest import CHAT_MODEL, CHAT_PATH, GEMMA_MODEL, sse_events
+from conftest import CHAT_MODEL, CHAT_PATH, EMBED_MODEL, GEMMA_MODEL, sse_events
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 FRANCE = {"role": "user", "content": "What is the capital of France?"}
@@ -175,6 +175,6 @@ def test_models_list(server, method):
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == [CHAT_MODEL, GEMMA_MODEL]
+    assert [m["id"] for m in body["data"]] == [CHAT_MODEL, GEMMA_MODEL, EMBED_MODEL]
     for m in body["data"]:
         assert m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"]

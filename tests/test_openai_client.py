@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from conftest import CHAT_MODEL, GEMMA_MODEL
+from conftest import CHAT_MODEL, EMBED_MODEL, GEMMA_MODEL
 
 
 @pytest.fixture()
@@ -39,7 +39,7 @@ def test_chat_streaming(client):
 
 
 def test_models_list(client):
-    assert {m.id for m in client.models.list()} == {CHAT_MODEL, GEMMA_MODEL}
+    assert {m.id for m in client.models.list()} == {CHAT_MODEL, GEMMA_MODEL, EMBED_MODEL}
 
 
 def test_errors_surface_as_openai_exceptions(client):

@@ -444,3 +444,25 @@ def test_threads_share_one_store(docs):
     assert scores == pytest.approx([1.0] * 32, abs=1e-6)
     assert len(docs.list_documents("docs")) == 32
     assert docs.integrity_check() == "ok"
+
+
+# Ingesting an uploaded file
+
+
+def test_ingest_file_stores_file_and_document_together(docs, path):
+    record, _, status = docs.ingest_file("docs", "a.md", b"alpha", ["alpha"], [basis(0)])
+    assert status == "added"
+    assert docs.get_document("docs", "a.md").file_id == record.id
+    assert docs.get_file_content(record.id) == b"alpha"
+    again, _, status = docs.ingest_file("docs", "a.md", b"alpha beta", ["alpha", "beta"], [basis(0), basis(1)])
+    assert status == "replaced"
+    assert [f.id for f in docs.list_files()] == [again.id]  # the replaced version's file went with it
+    assert vector_count(path, "docs") == 2
+
+
+def test_ingest_file_failure_leaves_neither_file_nor_document(docs, path):
+    with pytest.raises(DimensionMismatch):
+        docs.ingest_file("docs", "b.md", b"beta", ["beta"], [[1.0, 0.0]])
+    assert docs.list_files() == []
+    assert docs.get_document("docs", "b.md") is None
+    assert chunk_count(path) == 0

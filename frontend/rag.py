@@ -1,0 +1,117 @@
+"""Documents in, context out: ingestion into the store, retrieval, and RAG prompt merging.
+
+Chunking and embedding run on the embedding model's workers (chunk sizes are counted in
+that model's tokens); the front end only moves text and vectors between them and the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import PurePath
+
+from frontend.config import RAG_PROMPT, ModelConfig
+from frontend.errors import APIError, bad_request
+from frontend.jobs import JobRunner
+from store import Hit, Store
+
+log = logging.getLogger("edgellm.rag")
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
+
+
+def check_text_file(filename: str, data: bytes, max_bytes: int) -> str:
+    """The file's text, or a 4xx saying why it cannot be ingested."""
+    if PurePath(filename).suffix.lower() not in TEXT_SUFFIXES:
+        raise APIError(415, f"'{filename}' is not a supported file type; upload {', '.join(sorted(TEXT_SUFFIXES))} "
+                       "files", "unsupported_file_type", "file")
+    if len(data) > max_bytes:
+        raise APIError(413, f"'{filename}' is {len(data)} bytes; the limit is {max_bytes}", "file_too_large", "file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request(f"'{filename}' is not UTF-8 text", "file", code="invalid_file") from None
+
+
+@dataclass
+class IngestResult:
+    file_id: str | None
+    filename: str
+    collection: str
+    status: str  # "added", "replaced" or "unchanged"
+    chunks: int
+    prompt_tokens: int
+
+
+class Knowledge:
+    def __init__(self, store: Store, runner: JobRunner, *, chunk_capacity: int):
+        self.store = store
+        self.runner = runner
+        self.chunk_capacity = chunk_capacity
+
+    def embed(self, model: str, texts: list) -> tuple[list[list[float]], int]:
+        chunks, done = self.runner.collect(model, {"kind": "embedding", "input": texts})
+        vectors = [c["embedding"] for c in sorted(chunks, key=lambda c: c["index"])]
+        if len(vectors) != len(texts):
+            raise APIError(500, f"the embedding worker returned {len(vectors)} vectors for {len(texts)} inputs",
+                           "worker_protocol_error")
+        return vectors, done["usage"]["prompt_tokens"]
+
+    def chunk(self, model: str, text: str, capacity: int | None = None) -> list[str]:
+        chunks, _ = self.runner.collect(model, {"kind": "chunk", "text": text,
+                                                "capacity": capacity or self.chunk_capacity})
+        return [c["text"] for c in chunks]
+
+    def ingest(self, filename: str, data: bytes, text: str, *, collection: str, model: str,
+               capacity: int | None = None) -> IngestResult:
+        """Chunk, embed and store one document in one transaction; an unchanged one adds nothing."""
+        digest = hashlib.sha256(data).hexdigest()
+        existing = self.store.get_collection(collection) and self.store.get_document(collection, filename)
+        if existing and existing.content_hash == digest:
+            return IngestResult(existing.file_id, filename, collection, "unchanged", existing.chunk_count, 0)
+        chunks = self.chunk(model, text, capacity)
+        if not chunks:
+            raise bad_request(f"'{filename}' holds no text", "file", code="empty_file")
+        vectors, tokens = self.embed(model, chunks)
+        self.store.create_collection(collection, model, len(vectors[0]))
+        record, _, status = self.store.ingest_file(collection, filename, data, chunks, vectors)
+        log.info("ingested %s into %r: %s, %d chunks", filename, collection, status, len(chunks))
+        return IngestResult(record.id, filename, collection, str(status), len(chunks), tokens)
+
+    def retrieve(self, query: str, collection_name: str, *, model: str | None, limit: int,
+                 score_threshold: float) -> list[Hit]:
+        collection = self.store.get_collection(collection_name)
+        if collection is None:
+            names = ", ".join(c.name for c in self.store.list_collections()) or "none yet"
+            raise APIError(404, f"collection '{collection_name}' does not exist; collections: {names}",
+                           "collection_not_found", "collection")
+        if model is not None and model != collection.model:
+            raise bad_request(f"collection '{collection_name}' was built with embedding model "
+                              f"'{collection.model}'; query it with that model, not '{model}'", "model",
+                              code="embedding_model_mismatch")
+        [vector], _ = self.embed(collection.model, [query])
+        return self.store.search(collection_name, vector, limit=limit, score_threshold=score_threshold)
+
+
+def last_user_text(messages: list[dict]) -> str:
+    for m in reversed(messages):
+        if m["role"] == "user" and m["content"].strip():
+            return m["content"]
+    raise bad_request("there is no user message to retrieve for", "messages")
+
+
+def merge_context(messages: list[dict], hits: list[Hit], model: ModelConfig) -> list[dict]:
+    """The chat's messages with the retrieved chunks put where the model's RAG policy says."""
+    if not hits:
+        return messages
+    context = (model.rag_prompt or RAG_PROMPT) + "\n\n".join(h.text for h in hits)
+    merged = [dict(m) for m in messages]
+    if model.rag_policy == "last-user-message":
+        last = max(i for i, m in enumerate(merged) if m["role"] == "user")
+        merged[last]["content"] = f"{context}\n\n{merged[last]['content']}"
+    elif merged[0]["role"] == "system":
+        merged[0]["content"] = f"{merged[0]['content']}\n{context}"
+    else:
+        merged.insert(0, {"role": "system", "content": context})
+    return merged

@@ -1,0 +1,112 @@
+"""RAG chat (context merged into the prompt by policy) and a server killed mid-ingestion."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CHAT_PATH, EMBED_MODEL, EMBED_PATH, ROOT, ServerProcess, model_config
+from store import Store, db, vec_tables
+from test_rag import PARIS, upload
+
+QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the location of Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def rag_server(tmp_path_factory):
+    config = (model_config("smol-rag", CHAT_PATH, threads=2, rag_collection="paris")
+              + model_config("smol-rag-user", CHAT_PATH, threads=2, rag_collection="paris",
+                             rag_policy="last-user-message")
+              + model_config(EMBED_MODEL, EMBED_PATH, kind="embedding", ctx_size=512, threads=2))
+    srv = ServerProcess(config, tmp_path_factory.mktemp("rag"))
+    for path in sorted(PARIS.iterdir()):
+        assert upload(srv, path, "/v1/create/rag", collection="paris").status_code == 200
+    yield srv
+    srv.stop()
+
+
+def ask(srv, model, **extra):
+    r = srv.http.post("/v1/chat/completions", json={"model": model, "messages": QUESTION, "temperature": 0,
+                                                     "max_tokens": 60, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("model", ["smol-rag", "smol-rag-user"])
+def test_rag_chat_merges_retrieved_context(rag_server, model):
+    with_rag = ask(rag_server, model)
+    without = ask(rag_server, model, rag=False)
+    # The Seine paragraph (~70 tokens) and the RAG prompt went into the prompt.
+    assert with_rag["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"] + 50
+    if model == "smol-rag":
+        # With the context in the system message the 135M model answers from it; placed before the
+        # question it often does not, so the answer is only checked for the default policy.
+        assert "Seine" in with_rag["choices"][0]["message"]["content"]
+
+
+def write_corpus(folder, n_files: int):
+    folder.mkdir()
+    for i in range(n_files):
+        paragraphs = [f"Document {i}, paragraph {j}. " + " ".join(f"word{i}x{j}x{k}" for k in range(20))
+                      for j in range(6)]
+        (folder / f"doc{i:02d}.md").write_text(f"# Document {i}\n\n" + "\n\n".join(paragraphs))
+
+
+def consistency(store_path) -> tuple[int, int]:
+    """(documents, files) after checking that every document has all its chunks and vectors."""
+    with Store(store_path) as store:
+        assert store.integrity_check() == "ok"
+        conn = db.connect(os.fspath(store_path), busy_timeout_ms=1000)
+        try:
+            [(collection_id,)] = conn.execute("SELECT id FROM collections")
+            table = vec_tables.table_name(collection_id)
+            chunks = conn.execute("SELECT count(*) FROM chunks")[0][0]
+            vectors = conn.execute(f"SELECT count(*) FROM {table}")[0][0]
+            assert chunks == vectors
+            empty = conn.execute("SELECT count(*) FROM documents d WHERE NOT EXISTS "
+                                 "(SELECT 1 FROM chunks c WHERE c.document_id = d.id)")[0][0]
+            assert empty == 0
+            documents = conn.execute("SELECT count(*) FROM documents")[0][0]
+            files = conn.execute("SELECT count(*) FROM files")[0][0]
+        finally:
+            conn.close()
+    return documents, files
+
+
+def test_killed_mid_ingestion_leaves_a_consistent_store(tmp_path):
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, 16)
+    state = tmp_path / "state"
+    state.mkdir()
+    config = model_config(EMBED_MODEL, EMBED_PATH, kind="embedding", ctx_size=512, threads=2)
+    srv = ServerProcess(config, state)
+    cmd = [sys.executable, str(ROOT / "server.py"), "ingest", str(corpus), "--collection", "crash",
+           "--chunk-capacity", "64", "--server"]
+    ingest = subprocess.Popen(cmd + [srv.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(srv.http.get("/v1/files").json()["data"]) < 3:
+            time.sleep(0.05)
+        os.killpg(srv.proc.pid, signal.SIGKILL)  # the front end and its workers, mid-ingestion
+        srv.proc.wait()
+        ingest.communicate(timeout=120)
+    finally:
+        srv.stop()
+    documents, files = consistency(state / "store.db")
+    assert 3 <= documents < 16, "the kill should land mid-ingestion"
+    assert files == documents  # each file was stored in the same transaction as its document
+
+    srv = ServerProcess(config, state)  # same store file
+    try:
+        rerun = subprocess.run(cmd + [srv.url], capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"{documents} unchanged, 0 failed" in rerun.stdout
+    finally:
+        srv.stop()
+    assert consistency(state / "store.db") == (16, 16)

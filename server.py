@@ -18,18 +18,19 @@ import threading
 import time
 from pathlib import Path
 
-from werkzeug.exceptions import HTTPException
+import zmq
+import zmq.auth
 from werkzeug.routing import Map, Rule
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from frontend import validation as v
-from frontend.broker import Broker, BrokerLimits, JobClient
+from frontend.broker import Broker, BrokerLimits, JobClient, RemoteListener
 from frontend.chat_api import ChatResponder, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import embeddings_response, parse_embeddings
 from frontend.errors import APIError, bad_request, error_response
-from frontend.jobs import JobRunner
+from frontend.jobs import JobRunner, client_gone
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context
 from frontend.supervisor import Supervisor
 from store import FileRecord, Store, StoreError
@@ -63,7 +64,7 @@ class EdgeLLM:
         Path(config.store_path).parent.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.store_path)
         self.broker = Broker(config.worker_addr, limits=BrokerLimits(config.queue_size, config.queue_timeout),
-                             **_curve_server_keys(config.curve_secret_key_file))
+                             remote=remote_listener(config))
         self.supervisor = Supervisor(config.models, self.broker.worker_addr,
                                      verbose=config.log_level == "debug")
         self.jobs = JobRunner(config.queue_timeout, config.request_timeout)
@@ -154,6 +155,12 @@ class EdgeLLM:
                               "model", code="wrong_model_kind")
         return name
 
+    @staticmethod
+    def disconnect_check(request: Request):
+        """A callable telling whether this request's HTTP client has gone away."""
+        sock = request.environ.get("werkzeug.socket")
+        return lambda: client_gone(sock)
+
     def collection_name(self, body: dict) -> str:
         return v.string(body, "collection", self.config.default_collection)
 
@@ -173,22 +180,24 @@ class EdgeLLM:
                                            model=None, limit=self.config.retrieve_limit,
                                            score_threshold=self.config.score_threshold)
             call.job["messages"] = merge_context(call.job["messages"], hits, model_config)
-        client, first = self.jobs.start(model, call.job)
+        gone = self.disconnect_check(request)
+        client, first = self.jobs.start(model, call.job, gone)
         responder = ChatResponder(model)
         if call.stream:
-            return Response(self._stream_chat(client, first, responder, call.include_usage),
+            return Response(self._stream_chat(client, first, responder, call.include_usage, gone),
                             mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         parts, msg = [], first
         try:
             while msg.command == ewp.CHUNK:
                 parts.append(msg.body["text"])
-                msg = self.jobs.next_message(client)
+                msg = self.jobs.next_message(client, gone=gone)
         finally:
             client.close()
         return json_response(responder.completion("".join(parts), msg.body["finish_reason"], msg.body["usage"]))
 
-    def _stream_chat(self, client: JobClient, msg: ewp.Message, responder: ChatResponder, include_usage: bool):
+    def _stream_chat(self, client: JobClient, msg: ewp.Message, responder: ChatResponder, include_usage: bool,
+                     gone):
         """Server-sent events; runs after the 200 is committed, so errors become an error event."""
         try:
             if msg.command != ewp.CHUNK:  # finished before any text: still announce the role
@@ -196,7 +205,7 @@ class EdgeLLM:
             while msg.command == ewp.CHUNK:
                 yield sse(responder.chunk({"role": "assistant", "content": msg.body["text"]},
                                           usage_field=include_usage))
-                msg = self.jobs.next_message(client)
+                msg = self.jobs.next_message(client, gone=gone)
             yield sse(responder.chunk({}, msg.body["finish_reason"], usage_field=include_usage))
             if include_usage:
                 yield sse(responder.usage_chunk(msg.body["usage"]))
@@ -210,7 +219,8 @@ class EdgeLLM:
     def on_embeddings(self, request: Request) -> Response:
         name, inputs, encoding = parse_embeddings(self.json_body(request))
         model = self.resolve_model(name, "embedding")
-        chunks, done = self.jobs.collect(model, {"kind": "embedding", "input": inputs})
+        chunks, done = self.jobs.collect(model, {"kind": "embedding", "input": inputs},
+                                         self.disconnect_check(request))
         return json_response(embeddings_response(model, chunks, done["usage"], encoding))
 
     def on_retrieve(self, request: Request) -> Response:
@@ -288,11 +298,15 @@ class EdgeLLM:
         return json_response(body, status=503 if waiting else 200)
 
 
-def _curve_server_keys(path: str | None) -> dict:
-    if not path:
-        return {}
-    public, secret = open(path, "rb").read().split()[:2]
-    return {"curve_public": public, "curve_secret": secret}
+def remote_listener(config: ServerConfig) -> RemoteListener | None:
+    if not config.remote_worker_addr:
+        return None
+    public = secret = None
+    if config.curve_secret_key_file:
+        public, secret = zmq.auth.load_certificate(config.curve_secret_key_file)
+        if secret is None:
+            raise ConfigError(f"{config.curve_secret_key_file} holds no secret key (use the .key_secret file)")
+    return RemoteListener(config.remote_worker_addr, public, secret, config.curve_authorized_keys)
 
 
 def create_app(config: ServerConfig) -> EdgeLLM:
@@ -301,7 +315,8 @@ def create_app(config: ServerConfig) -> EdgeLLM:
 
 def serve(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edgellm", description="OpenAI-compatible LLM API server. "
-                                     "Subcommands: 'edgellm worker --help', 'edgellm ingest --help'.")
+                                     "Subcommands: 'edgellm worker --help', 'edgellm ingest --help', "
+                                     "'edgellm keys --help'.")
     add_server_flags(parser)
     args = parser.parse_args(argv)
     try:
@@ -315,6 +330,9 @@ def serve(argv: list[str]) -> int:
     except StoreError as exc:
         log.error("cannot open the store %s: %s", config.store_path, exc)
         return 2
+    except (ConfigError, OSError, zmq.ZMQError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     httpd = make_server(config.host, config.port, app, threaded=True)
     stop = threading.Event()
 
@@ -325,8 +343,9 @@ def serve(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    log.info("edgellm %s listening on http://%s:%d/v1 (workers connect to %s)", __version__, config.host,
-             config.port, app.broker.worker_addr)
+    log.info("edgellm %s listening on http://%s:%d/v1 (workers connect to %s%s)", __version__, config.host,
+             config.port, app.broker.worker_addr,
+             f", remote workers to {app.broker.remote_addr}" if app.broker.remote_addr else "")
     try:
         httpd.serve_forever()
     finally:
@@ -339,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "worker":
         from worker.__main__ import main as worker_main
         return worker_main(argv[1:])
+    if argv and argv[0] == "keys":
+        from worker.keys import main as keys_main
+        return keys_main(argv[1:])
     if argv and argv[0] == "ingest":
         from frontend.ingest_cli import main as ingest_main
         return ingest_main(argv[1:])

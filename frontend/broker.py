@@ -26,9 +26,22 @@ log = logging.getLogger("edgellm.broker")
 CLIENTS_ADDR = "inproc://edgellm-broker"
 
 
+@dataclass(frozen=True)
+class RemoteListener:
+    """A second worker socket for workers on other machines, with CURVE when keys are given."""
+
+    addr: str  # e.g. tcp://0.0.0.0:5555
+    server_public: bytes | None = None
+    server_secret: bytes | None = None
+    authorized_keys_dir: str | None = None  # public keys of the workers allowed to connect
+
+
+WorkerKey = tuple  # (index of the worker socket, ROUTER identity)
+
+
 @dataclass
 class WorkerRecord:
-    identity: bytes
+    identity: WorkerKey
     model: str
     kind: str
     slots: int
@@ -47,7 +60,7 @@ class Job:
     model: str
     body: dict
     enqueued: float
-    worker: bytes | None = None
+    worker: WorkerKey | None = None
 
 
 @dataclass(frozen=True)
@@ -59,18 +72,16 @@ class BrokerLimits:
 
 class Broker:
     def __init__(self, worker_addr: str, *, limits: BrokerLimits = BrokerLimits(),
-                 context: zmq.Context | None = None, curve_secret: bytes | None = None,
-                 curve_public: bytes | None = None):
+                 context: zmq.Context | None = None, remote: RemoteListener | None = None):
         self.context = context or zmq.Context.instance()
         self.limits = limits
-        self.workers_sock = self.context.socket(zmq.ROUTER)
-        self.workers_sock.setsockopt(zmq.LINGER, 0)
-        if curve_secret:
-            self.workers_sock.curve_server = True
-            self.workers_sock.curve_secretkey = curve_secret
-            self.workers_sock.curve_publickey = curve_public
-        self.workers_sock.bind(worker_addr)
-        self.worker_addr = self.workers_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.worker_socks = [self._bind_workers(worker_addr)]
+        self.worker_addr = self.worker_socks[0].getsockopt_string(zmq.LAST_ENDPOINT)
+        self.remote_addr = None
+        self._authenticator = None
+        if remote is not None:
+            self.worker_socks.append(self._bind_workers(remote.addr, remote))
+            self.remote_addr = self.worker_socks[1].getsockopt_string(zmq.LAST_ENDPOINT)
         self.clients_sock = self.context.socket(zmq.ROUTER)
         self.clients_sock.setsockopt(zmq.LINGER, 0)
         self.clients_sock.bind(CLIENTS_ADDR)
@@ -81,6 +92,25 @@ class Broker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="broker", daemon=True)
+
+    def _bind_workers(self, addr: str, remote: RemoteListener | None = None) -> zmq.Socket:
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if remote is not None and remote.server_secret:
+            if remote.authorized_keys_dir:
+                # ZAP: only workers whose public key is in the directory may connect.
+                from zmq.auth.thread import ThreadAuthenticator
+                self._authenticator = ThreadAuthenticator(self.context)
+                self._authenticator.start()
+                self._authenticator.configure_curve(domain="*", location=remote.authorized_keys_dir)
+            sock.curve_server = True
+            sock.curve_secretkey = remote.server_secret
+            sock.curve_publickey = remote.server_public
+        elif remote is not None:
+            log.warning("remote workers on %s connect WITHOUT authentication or encryption; "
+                        "configure CURVE keys unless this network is trusted", addr)
+        sock.bind(addr)
+        return sock
 
     # -- public, thread-safe ---------------------------------------------------------------
     def start(self) -> None:
@@ -98,7 +128,8 @@ class Broker:
     # -- loop ------------------------------------------------------------------------------
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.workers_sock, zmq.POLLIN)
+        for sock in self.worker_socks:
+            poller.register(sock, zmq.POLLIN)
         poller.register(self.clients_sock, zmq.POLLIN)
         next_heartbeat = time.monotonic()
         while not self._stop.is_set():
@@ -106,9 +137,10 @@ class Broker:
                 ready = dict(poller.poll(int(ewp.HEARTBEAT_INTERVAL * 1000 / 4)))
             except zmq.ContextTerminated:
                 break
-            if self.workers_sock in ready:
-                while self.workers_sock.poll(0):
-                    self._from_worker(self.workers_sock.recv_multipart())
+            for index, sock in enumerate(self.worker_socks):
+                if sock in ready:
+                    while sock.poll(0):
+                        self._from_worker(index, sock.recv_multipart())
             if self.clients_sock in ready:
                 while self.clients_sock.poll(0):
                     self._from_client(self.clients_sock.recv_multipart())
@@ -121,11 +153,15 @@ class Broker:
             self._expire_queued(now)
             self._dispatch()
             self._publish()
-        self.workers_sock.close(0)
+        for sock in self.worker_socks:
+            sock.close(0)
         self.clients_sock.close(0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
 
-    def _to_worker(self, identity: bytes, command: bytes, job_id: str | None = None, body: dict | None = None):
-        self.workers_sock.send_multipart([identity, *ewp.encode(command, job_id, body)])
+    def _to_worker(self, key: WorkerKey, command: bytes, job_id: str | None = None, body: dict | None = None):
+        index, identity = key
+        self.worker_socks[index].send_multipart([identity, *ewp.encode(command, job_id, body)])
 
     def _to_client(self, client: bytes, command: bytes, job_id: str, body: dict | None):
         self.clients_sock.send_multipart([client, *ewp.encode(command, job_id, body)])
@@ -138,15 +174,15 @@ class Broker:
         self.jobs.pop(job.job_id, None)
 
     # -- workers ---------------------------------------------------------------------------
-    def _from_worker(self, frames: list[bytes]) -> None:
+    def _from_worker(self, index: int, frames: list[bytes]) -> None:
         if len(frames) < 2:
             log.warning("dropped a message without identity from a worker")
             return
-        identity, frames = frames[0], frames[1:]
+        identity, frames = (index, frames[0]), frames[1:]
         try:
             msg = ewp.decode(frames)
         except ewp.ProtocolError as exc:
-            log.warning("dropped a bad message from worker %s: %s", identity.hex(), exc)
+            log.warning("dropped a bad message from worker %s: %s", identity[1].hex(), exc)
             return
         worker = self.workers.get(identity)
         if msg.command == ewp.READY:
@@ -163,7 +199,7 @@ class Broker:
             self._drop_worker(identity, "the worker shut down")
             return
         if msg.command not in (ewp.CHUNK, ewp.DONE, ewp.ERROR):
-            log.warning("dropped unexpected %s from worker %s", msg.name, identity.hex())
+            log.warning("dropped unexpected %s from worker %s", msg.name, identity[1].hex())
             return
         job = self.jobs.get(msg.job_id)
         if job is None or job.worker != identity:
@@ -173,7 +209,7 @@ class Broker:
             return
         problem = ewp.check_job_body(msg)
         if problem:
-            log.warning("bad %s from worker %s for job %s: %s", msg.name, identity.hex(), job.job_id, problem)
+            log.warning("bad %s from worker %s for job %s: %s", msg.name, identity[1].hex(), job.job_id, problem)
             if msg.command == ewp.CHUNK:
                 self._to_worker(identity, ewp.CANCEL, job.job_id)
             else:
@@ -190,11 +226,11 @@ class Broker:
             del self.jobs[job.job_id]
         self._to_client(job.client, msg.command, job.job_id, msg.body)
 
-    def _register(self, identity: bytes, body: dict) -> None:
+    def _register(self, identity: WorkerKey, body: dict) -> None:
         model, kind, slots = body.get("model"), body.get("kind"), body.get("slots")
         if not isinstance(model, str) or not model or kind not in ("chat", "embedding") \
                 or not isinstance(slots, int) or slots < 1:
-            log.warning("dropped a READY with a bad body from %s: %r", identity.hex(), body)
+            log.warning("dropped a READY with a bad body from %s: %r", identity[1].hex(), body)
             return
         if identity in self.workers:
             self._drop_worker(identity, "the worker registered again")
@@ -204,7 +240,7 @@ class Broker:
         log.info("worker %s registered: model %r (%s), %d slots, pid %s", body.get("worker_id"), model, kind,
                  slots, body.get("pid"))
 
-    def _drop_worker(self, identity: bytes, why: str) -> None:
+    def _drop_worker(self, identity: WorkerKey, why: str) -> None:
         worker = self.workers.pop(identity)
         log.warning("worker %s for model %r removed: %s", worker.info.get("worker_id"), worker.model, why)
         for job_id in worker.jobs:

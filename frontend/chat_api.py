@@ -90,7 +90,7 @@ def parse_chat(body: dict) -> ChatCall:
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
-        v.json_object(options, "'stream_options' field")
+        v.json_object(options, "'stream_options' field", "stream_options")
         include_usage = v.boolean(options, "include_usage")
     job = {
         "kind": "chat",

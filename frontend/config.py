@@ -54,7 +54,9 @@ class ServerConfig:
     queue_timeout: float = 30.0  # seconds a request may wait for a free slot before 503
     request_timeout: float = 120.0  # seconds of silence from a busy worker before 503
     log_level: str = "info"
-    curve_secret_key_file: str | None = None  # enables CURVE for remote workers
+    remote_worker_addr: str | None = None  # a tcp address for workers on other machines
+    curve_secret_key_file: str | None = None  # the server's key pair: CURVE on the remote address
+    curve_authorized_keys: str | None = None  # folder of worker public keys allowed to connect
     store_path: str = "data/edgellm.db"  # the sqlite-vec file: files, documents, chunks, vectors
     max_file_bytes: int = 10 * 1024 * 1024  # largest file accepted by /v1/files and /v1/create/rag
     default_collection: str = "default"  # used when a request names no collection
@@ -94,7 +96,12 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, help="requests waiting per model before 503")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot")
     p.add_argument("--request-timeout", type=float, help="seconds of worker silence before 503")
-    p.add_argument("--curve-secret-key-file", help="server CURVE key pair file: require CURVE from workers")
+    p.add_argument("--remote-worker-addr", help="also accept workers from other machines here, "
+                   "e.g. tcp://0.0.0.0:5555")
+    p.add_argument("--curve-secret-key-file", help="the server's CURVE key pair (edgellm keys): encrypt the "
+                   "remote worker address")
+    p.add_argument("--curve-authorized-keys", help="folder of worker public keys (*.key) allowed to connect "
+                   "to the remote worker address")
     p.add_argument("--store-path", help="sqlite-vec file for documents and vectors (default data/edgellm.db)")
     p.add_argument("--max-file-bytes", type=int, help="largest uploaded file accepted (413 above)")
     p.add_argument("--default-collection", help="collection used when a request names none")
@@ -177,7 +184,8 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
     if args.config and "store_path" in server and not os.path.isabs(server["store_path"]):
         server["store_path"] = str(Path(args.config).parent / server["store_path"])
     for key in ("host", "port", "worker_addr", "max_body_bytes", "queue_size", "queue_timeout",
-                "request_timeout", "curve_secret_key_file", "log_level", "store_path", "max_file_bytes",
+                "request_timeout", "remote_worker_addr", "curve_secret_key_file", "curve_authorized_keys",
+                "log_level", "store_path", "max_file_bytes",
                 "default_collection", "chunk_capacity", "retrieve_limit", "score_threshold"):
         value = getattr(args, key, None)
         if value is not None and not (key in ("host", "port") and args.socket_addr):
@@ -193,6 +201,10 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def validate(config: ServerConfig) -> None:
+    if config.curve_authorized_keys and not config.curve_secret_key_file:
+        raise ConfigError("curve_authorized_keys needs curve_secret_key_file (the server's key pair)")
+    if config.curve_secret_key_file and not config.remote_worker_addr:
+        raise ConfigError("CURVE keys apply to remote workers: set remote_worker_addr too")
     seen = set()
     for m in config.models:
         if m.name in seen:

@@ -41,6 +41,7 @@ TYPE_FOR_STATUS = {
     409: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    499: "invalid_request_error",
     500: "server_error",
     503: "server_error",
 }

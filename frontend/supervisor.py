@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -17,15 +18,25 @@ RESTART_INITIAL = 1.0  # seconds before the first restart of a crashed worker
 RESTART_MAX = 30.0
 
 
-def worker_command(model: ModelConfig, connect: str, replica: int, *, verbose: bool = False) -> list[str]:
+def auto_cores(workers: int, available: list[int]) -> list[str]:
+    """Split the cores this process may use into one contiguous group per worker, or none
+    when there are fewer cores than workers (then the OS schedules them)."""
+    if workers < 2 or len(available) < workers:
+        return []
+    size = len(available) // workers
+    return [",".join(str(c) for c in available[i * size:(i + 1) * size]) for i in range(workers)]
+
+
+def worker_command(model: ModelConfig, connect: str, replica: int, *, verbose: bool = False,
+                   cores: list[str] | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "worker", "--connect", connect, "--model-name", model.name,
            "--model-path", model.path, "--kind", model.kind, "--ctx-size", str(model.ctx_size),
            "--batch-size", str(model.batch_size), "--parallel", str(model.parallel),
            "--n-gpu-layers", str(model.n_gpu_layers)]
     if model.threads:
         cmd += ["--threads", str(model.threads)]
-    if model.cores:
-        cmd += ["--cores", model.cores[replica]]
+    if cores:
+        cmd += ["--cores", cores[replica]]
     if model.gpus:
         cmd += ["--gpu", model.gpus[replica]]
     if model.chat_template:
@@ -50,6 +61,8 @@ class Supervisor:
         self.connect = connect
         self.verbose = verbose
         self.workers = [ManagedWorker(m, i) for m in models for i in range(m.workers)]
+        available = sorted(os.sched_getaffinity(0))
+        self.cores = {m.name: m.cores or auto_cores(m.workers, available) for m in models}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
 
@@ -59,7 +72,7 @@ class Supervisor:
         self._thread.start()
 
     def _spawn(self, w: ManagedWorker) -> None:
-        cmd = worker_command(w.model, self.connect, w.replica, verbose=self.verbose)
+        cmd = worker_command(w.model, self.connect, w.replica, verbose=self.verbose, cores=self.cores[w.model.name])
         w.process = subprocess.Popen(cmd)
         w.started_at = time.monotonic()
         log.info("started worker %d for model %r (pid %d)", w.replica, w.model.name, w.process.pid)

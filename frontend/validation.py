@@ -50,7 +50,7 @@ def string(body: dict, key: str, default=None, *, required: bool = False):
     return value
 
 
-def json_object(value, what: str = "request body") -> dict:
+def json_object(value, what: str = "request body", param: str | None = None) -> dict:
     if not isinstance(value, dict):
-        raise bad_request(f"the {what} must be a JSON object")
+        raise bad_request(f"the {what} must be a JSON object", param)
     return value

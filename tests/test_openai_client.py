@@ -27,7 +27,8 @@ def test_chat_streaming(client):
     pieces, finish, usage = [], None, None
     for chunk in client.chat.completions.create(
             model=CHAT_MODEL, temperature=0, stream=True, stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": "What is the capital of France?"}]):
+            messages=[{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": "What is the capital of France?"}]):
         if chunk.usage:
             usage = chunk.usage
         for choice in chunk.choices:

@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default=None, help="GPU index to pin to (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("--chat-template", default=None, help="a Jinja template overriding the model's")
-    p.add_argument("--curve-server-key", default=None, help="the front end's CURVE public key (z85)")
+    p.add_argument("--curve-server-key-file", default=None,
+                   help="the server's public key file (server.key from 'edgellm keys server')")
     p.add_argument("--curve-secret-key-file", default=None,
-                   help="file holding this worker's CURVE key pair (public and secret z85, one per line)")
+                   help="this worker's key pair file (NAME.key_secret from 'edgellm keys NAME')")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -73,9 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.error("%s", exc)
         return 2
     curve = None
-    if args.curve_server_key:
-        public, secret = open(args.curve_secret_key_file, "rb").read().split()[:2]
-        curve = CurveKeys(server_public=args.curve_server_key.encode(), public=public, secret=secret)
+    if args.curve_server_key_file or args.curve_secret_key_file:
+        import zmq.auth
+        if not (args.curve_server_key_file and args.curve_secret_key_file):
+            logging.error("CURVE needs both --curve-server-key-file and --curve-secret-key-file")
+            return 2
+        server_public, _ = zmq.auth.load_certificate(args.curve_server_key_file)
+        public, secret = zmq.auth.load_certificate(args.curve_secret_key_file)
+        if secret is None:
+            logging.error("%s holds no secret key (use the .key_secret file)", args.curve_secret_key_file)
+            return 2
+        curve = CurveKeys(server_public=server_public, public=public, secret=secret)
     loop = WorkerLoop(engine, args.connect, args.model_name, curve=curve)
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     signal.signal(signal.SIGINT, lambda *_: loop.stop())

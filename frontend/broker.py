@@ -283,6 +283,7 @@ class Broker:
             return
         self.jobs[job.job_id] = job
         queue.append(job.job_id)
+        self._dispatch()  # so that the queue only ever holds jobs that found no free slot
 
     def _cancel(self, job_id: str) -> None:
         job = self.jobs.pop(job_id, None)
@@ -346,6 +347,7 @@ class JobClient:
         self.socket.connect(CLIENTS_ADDR)
         self.job_id: str | None = None
         self.finished = False
+        self.checked_at = 0.0  # when the request last checked that its HTTP client is still there
 
     def submit(self, model: str, body: dict) -> str:
         self.job_id = uuid.uuid4().hex

@@ -51,8 +51,12 @@ class JobRunner:
         msg = None
         while msg is None and time.monotonic() < deadline:
             msg = client.receive(min(DISCONNECT_CHECK, max(0.0, deadline - time.monotonic())))
-            if msg is None and gone is not None and gone():
-                raise APIError(499, "the client closed the connection; the job was cancelled", "client_closed")
+            now = time.monotonic()
+            if gone is not None and now - client.checked_at >= DISCONNECT_CHECK:
+                client.checked_at = now
+                if gone():
+                    raise APIError(499, "the client closed the connection; the job was cancelled",
+                                   "client_closed")
         if msg is None:
             raise APIError(503, f"the worker did not answer within {timeout:g}s; the request was cancelled",
                            "worker_timeout")

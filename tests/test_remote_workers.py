@@ -1,0 +1,94 @@
+"""Workers started by hand connecting over tcp (loopback here), with and without CURVE."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CHAT_PATH, ROOT, ServerProcess, free_port, model_config
+
+
+def start_worker(addr: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "server.py"), "worker", "--connect", addr,
+                             "--model-name", "remote-smol", "--model-path", str(CHAT_PATH), "--threads", "1",
+                             *extra])
+
+
+def registered(srv) -> int:
+    return len(srv.health()["models"].get("remote-smol", {}).get("workers", []))
+
+
+def wait_registered(srv, timeout=60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if registered(srv):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def make_keys(folder, name):
+    out = subprocess.run([sys.executable, str(ROOT / "server.py"), "keys", name, "--dir", str(folder)],
+                         capture_output=True, text=True, check=True)
+    assert "secret key" in out.stdout
+    return folder / f"{name}.key", folder / f"{name}.key_secret"
+
+
+def chat(srv):
+    r = srv.http.post("/v1/chat/completions", json={"model": "remote-smol", "temperature": 0, "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"}]})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_remote_worker_over_tcp(tmp_path):
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    srv = ServerProcess(model_config("remote-smol", CHAT_PATH, workers=0), tmp_path,
+                        extra_args=["--remote-worker-addr", addr])
+    worker = start_worker(addr)
+    try:
+        assert wait_registered(srv), srv.log_text()
+        assert "remote-smol" in [m["id"] for m in srv.http.get("/v1/models").json()["data"]]
+        assert "Paris" in chat(srv)
+    finally:
+        worker.terminate()
+        worker.wait(10)
+        srv.stop()
+
+
+def test_remote_worker_with_curve(tmp_path):
+    keys, authorized, stranger_keys = tmp_path / "keys", tmp_path / "authorized", tmp_path / "stranger"
+    server_public, server_secret = make_keys(keys, "server")
+    worker_public, worker_secret = make_keys(keys, "pi-kitchen")
+    _, stranger_secret = make_keys(stranger_keys, "stranger")
+    authorized.mkdir()
+    (authorized / "pi-kitchen.key").write_bytes(worker_public.read_bytes())
+
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    state = tmp_path / "state"
+    state.mkdir()
+    srv = ServerProcess(model_config("remote-smol", CHAT_PATH, workers=0), state, extra_args=[
+        "--remote-worker-addr", addr, "--curve-secret-key-file", str(server_secret),
+        "--curve-authorized-keys", str(authorized)])
+    workers = []
+    try:
+        # A worker whose key is not authorized never gets to register.
+        workers.append(start_worker(addr, "--curve-server-key-file", str(server_public),
+                                    "--curve-secret-key-file", str(stranger_secret)))
+        # Nor does one that speaks plain tcp to a CURVE socket.
+        workers.append(start_worker(addr))
+        assert not wait_registered(srv, timeout=8)
+        workers.append(start_worker(addr, "--curve-server-key-file", str(server_public),
+                                    "--curve-secret-key-file", str(worker_secret)))
+        assert wait_registered(srv), srv.log_text()
+        assert registered(srv) == 1
+        assert "Paris" in chat(srv)
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(10)
+        srv.stop()

@@ -37,6 +37,7 @@ class ChatJob:
     max_tokens: int | None
     pending: list[int]  # prompt tokens not yet decoded
     n_past: int  # tokens of this sequence in the KV cache
+    n_cached: int  # prompt tokens reused from the slot's cache (not prefilled again)
     next_token: int | None = None  # sampled, not yet decoded
     n_generated: int = 0
     cancelled: bool = False
@@ -108,7 +109,7 @@ class ChatEngine:
         slot.job = ChatJob(job_id=job_id, prompt=prompt,
                            sampler=SamplerChain(params, self.model.n_vocab),
                            text=TextStream(stop if isinstance(stop, list) else [stop]),
-                           max_tokens=max_tokens, pending=prompt[keep:], n_past=keep)
+                           max_tokens=max_tokens, pending=prompt[keep:], n_past=keep, n_cached=keep)
         self._jobs[job_id] = slot
 
     def cancel(self, job_id: str) -> None:
@@ -214,7 +215,8 @@ class ChatEngine:
     def _finish(self, slot: Slot, reason: str) -> Event:
         job = self._release(slot)
         usage = {"prompt_tokens": len(job.prompt), "completion_tokens": job.n_generated,
-                 "total_tokens": len(job.prompt) + job.n_generated}
+                 "total_tokens": len(job.prompt) + job.n_generated,
+                 "prompt_tokens_details": {"cached_tokens": job.n_cached}}
         return Event(job.job_id, ewp.DONE, {"finish_reason": reason, "usage": usage})
 
     def _fail(self, slot: Slot, code: str, message: str) -> Event:

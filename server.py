@@ -151,7 +151,7 @@ class EdgeLLM:
             raise APIError(500, f"model '{name}' is not served here; available models: {listed}",
                            "model_not_found", "model")
         if models[name] != kind:
-            raise bad_request(f"model '{name}' is a {models[name]} model; this endpoint needs a {kind} model",
+            raise bad_request(f"model '{name}' is {_a(models[name])} model; this endpoint needs {_a(kind)} model",
                               "model", code="wrong_model_kind")
         return name
 
@@ -296,6 +296,10 @@ class EdgeLLM:
                    if m.workers > 0 and not snapshot.get(m.name, {}).get("workers")]
         body = {"status": "loading" if waiting else "ok", "waiting_for": waiting, "models": snapshot}
         return json_response(body, status=503 if waiting else 200)
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
 
 
 def remote_listener(config: ServerConfig) -> RemoteListener | None:

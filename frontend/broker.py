@@ -11,6 +11,7 @@ exchanges heartbeats with the workers, and turns a silent worker's jobs into err
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -156,6 +157,11 @@ class Broker:
         for sock in self.worker_socks:
             sock.close(0)
         self.clients_sock.close(0)
+        if self.worker_addr.startswith("ipc://"):  # ZeroMQ leaves the socket file behind
+            try:
+                os.unlink(self.worker_addr[len("ipc://"):])
+            except OSError:
+                pass
         if self._authenticator is not None:
             self._authenticator.stop()
 

@@ -81,8 +81,8 @@ def parse_stop(body: dict) -> list[str]:
 def parse_chat(body: dict) -> ChatCall:
     model = v.string(body, "model")
     messages = parse_messages(body.get("messages"))
-    n = v.integer(body, "n", 1, 1, default=1)
-    del n  # only one choice is generated; anything else is rejected above
+    if body.get("n") not in (None, 1):
+        raise bad_request("'n' must be 1: one choice is generated per request", "n")
     max_tokens = v.integer(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = v.integer(body, "max_tokens", 1)

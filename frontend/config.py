@@ -49,7 +49,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8080
     worker_addr: str = ""  # the ZeroMQ address workers connect to; default: an ipc socket
-    max_body_bytes: int = 10 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024  # above max_file_bytes, so an oversized file gets its own error
     queue_size: int = 64  # requests waiting per model before 503
     queue_timeout: float = 30.0  # seconds a request may wait for a free slot before 503
     request_timeout: float = 120.0  # seconds of silence from a busy worker before 503

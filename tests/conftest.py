@@ -50,7 +50,11 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=120)
         if wait_healthy:
-            self.wait_healthy()
+            try:
+                self.wait_healthy()
+            except BaseException:
+                self.stop()
+                raise
 
     def wait_healthy(self, timeout: float = 180) -> dict:
         deadline = time.monotonic() + timeout

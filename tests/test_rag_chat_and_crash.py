@@ -25,10 +25,12 @@ def rag_server(tmp_path_factory):
                              rag_policy="last-user-message")
               + model_config(EMBED_MODEL, EMBED_PATH, kind="embedding", ctx_size=512, threads=2))
     srv = ServerProcess(config, tmp_path_factory.mktemp("rag"))
-    for path in sorted(PARIS.iterdir()):
-        assert upload(srv, path, "/v1/create/rag", collection="paris").status_code == 200
-    yield srv
-    srv.stop()
+    try:
+        for path in sorted(PARIS.iterdir()):
+            assert upload(srv, path, "/v1/create/rag", collection="paris").status_code == 200
+        yield srv
+    finally:
+        srv.stop()
 
 
 def ask(srv, model, **extra):

@@ -6,14 +6,22 @@ prompt as fits in ``n_batch`` (so a long prompt is prefilled in pieces between t
 other jobs' tokens, never stalling them), runs one ``llama_decode``, and samples each
 job's next token with that job's own sampler chain. Jobs join and leave between steps.
 
+Same seed, same output, alone or beside others: llama.cpp's results for a token depend on
+how its own prompt was cut into decode chunks (not on other sequences in the batch), so a
+prompt is always prefilled in chunks of ``prefill_chunk`` tokens at fixed positions (0, C,
+2C, ...), whatever else is running. A prompt longer than that is spread over several steps,
+between the other jobs' tokens.
+
 A slot remembers the tokens its sequence still has in the KV cache after its job ends; a
 new job goes to the free slot sharing the longest prefix with its prompt (a chat's next
-turn) and only the rest is prefilled.
+turn) and only the rest is prefilled. Only whole prefill chunks are reused, so a reused
+prefix is bit-for-bit what a fresh prefill would compute.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 import llama_cpp as lc
@@ -28,6 +36,7 @@ from worker.text_stream import TextStream
 log = logging.getLogger("edgellm.worker")
 
 
+
 @dataclass
 class ChatJob:
     job_id: str
@@ -35,7 +44,7 @@ class ChatJob:
     sampler: SamplerChain
     text: TextStream
     max_tokens: int | None
-    pending: list[int]  # prompt tokens not yet decoded
+    pending: deque[int]  # prompt tokens not yet decoded
     n_past: int  # tokens of this sequence in the KV cache
     n_cached: int  # prompt tokens reused from the slot's cache (not prefilled again)
     next_token: int | None = None  # sampled, not yet decoded
@@ -47,6 +56,7 @@ class ChatJob:
 class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens in the KV cache for this sequence
+    exact: int = 0  # how many of them were prefilled in whole chunks (safe to reuse)
     job: ChatJob | None = None
 
 
@@ -70,6 +80,8 @@ class ChatEngine:
         self.model = LoadedModel(model_path, n_ctx=ctx_size * slots, n_batch=n_batch, n_seq_max=slots,
                                  threads=threads, n_gpu_layers=n_gpu_layers)
         self.n_batch = self.model.n_batch
+        # Leave one row per slot for the generating jobs' next tokens.
+        self.prefill_chunk = max(1, self.n_batch - slots)
         vocab = self.model.vocab
         self.bos_text = self.model.token_text(lc.llama_vocab_bos(vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(vocab))
@@ -99,17 +111,18 @@ class ChatEngine:
         free = [s for s in self._slots if s.job is None]
         if not free:
             raise JobError("worker_busy", "every slot of this worker is busy")
-        slot = max(free, key=lambda s: _common_prefix(s.cached, prompt))
-        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # decode >= 1 token for logits
+        slot = max(free, key=lambda s: self._reusable(s, prompt))
+        keep = self._reusable(slot, prompt)
         lc.llama_memory_seq_rm(self.model.memory, slot.seq_id, keep, -1)
         slot.cached = prompt[:keep]
+        slot.exact = keep
         params = SamplingParams.from_request({**self.defaults, **request})
         stop = request.get("stop") or []
         max_tokens = request.get("max_tokens")
         slot.job = ChatJob(job_id=job_id, prompt=prompt,
                            sampler=SamplerChain(params, self.model.n_vocab),
                            text=TextStream(stop if isinstance(stop, list) else [stop]),
-                           max_tokens=max_tokens, pending=prompt[keep:], n_past=keep, n_cached=keep)
+                           max_tokens=max_tokens, pending=deque(prompt[keep:]), n_past=keep, n_cached=keep)
         self._jobs[job_id] = slot
 
     def cancel(self, job_id: str) -> None:
@@ -138,6 +151,12 @@ class ChatEngine:
         return events
 
     # -- internals -----------------------------------------------------------------------
+    def _reusable(self, slot: Slot, prompt: list[int]) -> int:
+        """Prompt tokens the slot's cache can stand in for: whole prefill chunks of a shared
+        prefix, leaving at least one token to decode (its logits start the answer)."""
+        shared = min(_common_prefix(slot.cached, prompt), slot.exact, len(prompt) - 1)
+        return shared - shared % self.prefill_chunk
+
     def _prompt_tokens(self, messages: list[dict]) -> list[int]:
         try:
             text = self.template.render(messages)
@@ -172,9 +191,14 @@ class ChatEngine:
                 slot.job.next_token = None
         for slot in self._jobs.values():
             job = slot.job
-            while job.pending and n < self.n_batch:
-                token = job.pending.pop(0)
+            piece = min(len(job.pending), self.prefill_chunk - job.n_past % self.prefill_chunk)
+            if not piece or n + piece > self.n_batch:
+                continue  # whole chunks only: this one waits for the next step
+            for _ in range(piece):
+                token = job.pending.popleft()
                 add(token, slot, not job.pending)
+            if job.n_past % self.prefill_chunk == 0:
+                slot.exact = job.n_past
         batch.n_tokens = n
         return outputs
 

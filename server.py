@@ -66,7 +66,7 @@ class EdgeLLM:
         self.broker = Broker(config.worker_addr, limits=BrokerLimits(config.queue_size, config.queue_timeout),
                              remote=remote_listener(config))
         self.supervisor = Supervisor(config.models, self.broker.worker_addr,
-                                     verbose=config.log_level == "debug")
+                                     verbose=config.log_level == "debug", on_exit=self.broker.worker_exited)
         self.jobs = JobRunner(config.queue_timeout, config.request_timeout)
         self.knowledge = Knowledge(self.store, self.jobs, chunk_capacity=config.chunk_capacity)
         self.url_map = Map([

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from worker import protocol as ewp
 log = logging.getLogger("edgellm.broker")
 
 CLIENTS_ADDR = "inproc://edgellm-broker"
+MAX_ATTEMPTS = 2  # workers a job may be sent to when the first dies before answering
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class Job:
     body: dict
     enqueued: float
     worker: WorkerKey | None = None
+    answered: bool = False  # a chunk went to the client: the job can no longer move to another worker
+    attempts: int = 0  # workers it was sent to
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Broker:
         self.jobs: dict[str, Job] = {}
         self.queues: dict[str, deque[str]] = {}
         self._snapshot: dict = {}
+        self._exited_pids: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="broker", daemon=True)
@@ -121,6 +126,10 @@ class Broker:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def worker_exited(self, pid: int) -> None:
+        """A local worker process died (the supervisor saw it): drop it now, not after heartbeats."""
+        self._exited_pids.put(pid)
+
     def snapshot(self) -> dict:
         """{model: {"kind", "workers": [...], "slots", "free_slots", "queued"}} as of the last loop turn."""
         with self._lock:
@@ -145,6 +154,10 @@ class Broker:
             if self.clients_sock in ready:
                 while self.clients_sock.poll(0):
                     self._from_client(self.clients_sock.recv_multipart())
+            while not self._exited_pids.empty():
+                pid = self._exited_pids.get()
+                for key in [k for k, w in self.workers.items() if w.info.get("pid") == pid]:
+                    self._drop_worker(key, f"its process {pid} exited")
             now = time.monotonic()
             if now >= next_heartbeat:
                 for identity in self.workers:
@@ -223,6 +236,7 @@ class Broker:
             self._fail(job, "worker_protocol_error",
                        f"the worker for model '{job.model}' sent a malformed reply ({problem}); please retry")
             return
+        job.answered = True
         if msg.command in (ewp.DONE, ewp.ERROR):
             worker.jobs.discard(job.job_id)
             if msg.command == ewp.ERROR and msg.body.get("code") == "worker_busy":
@@ -251,7 +265,13 @@ class Broker:
         log.warning("worker %s for model %r removed: %s", worker.info.get("worker_id"), worker.model, why)
         for job_id in worker.jobs:
             job = self.jobs.get(job_id)
-            if job is not None:
+            if job is not None and not job.answered and job.attempts < MAX_ATTEMPTS:
+                # Nothing was sent yet: another worker can take it (but not forever: it may be what
+                # killed the worker).
+                job.worker = None
+                job.enqueued = time.monotonic()
+                self.queues.setdefault(job.model, deque()).appendleft(job_id)
+            elif job is not None:
                 self._fail(job, "worker_lost",
                            f"the worker serving model '{worker.model}' stopped ({why}) before the answer was "
                            "complete; please retry")
@@ -323,6 +343,7 @@ class Broker:
                 worker = max(candidates, key=WorkerRecord.free)
                 job = self.jobs[queue.popleft()]
                 job.worker = worker.identity
+                job.attempts += 1
                 worker.jobs.add(job.job_id)
                 self._to_worker(worker.identity, ewp.JOB, job.job_id, job.body)
 

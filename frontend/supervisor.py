@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from frontend.config import ModelConfig
 
@@ -57,8 +58,10 @@ class ManagedWorker:
 
 
 class Supervisor:
-    def __init__(self, models: list[ModelConfig], connect: str, *, verbose: bool = False):
+    def __init__(self, models: list[ModelConfig], connect: str, *, verbose: bool = False,
+                 on_exit: Callable[[int], None] | None = None):
         self.connect = connect
+        self.on_exit = on_exit
         self.verbose = verbose
         self.workers = [ManagedWorker(m, i) for m in models for i in range(m.workers)]
         available = sorted(os.sched_getaffinity(0))
@@ -87,6 +90,8 @@ class Supervisor:
                         w.backoff = RESTART_INITIAL  # it ran fine for a while: not a crash loop
                     log.error("worker %d for model %r exited with code %s; restarting in %.0fs",
                               w.replica, w.model.name, code, w.backoff)
+                    if self.on_exit is not None:
+                        self.on_exit(w.process.pid)
                     w.process = None
                     w.restart_at = now + w.backoff
                     w.backoff = min(w.backoff * 2, RESTART_MAX)

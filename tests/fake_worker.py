@@ -5,6 +5,7 @@
 Modes:
     echo     answers "hello world" in two chunks (a well-behaved fake, for sanity)
     die      sends one chunk, then the process exits abruptly (os._exit)
+    die0     exits abruptly as soon as it has a job, before answering anything
     stall    accepts jobs and never answers, but keeps heartbeating
     garbage  answers with a CHUNK whose body lacks the fields the front end needs
 """
@@ -50,6 +51,8 @@ class FaultyEngine:
     def step(self) -> list[Event]:
         events = []
         for job_id, state in list(self.jobs.items()):
+            if self.mode == "die0":
+                os._exit(3)
             if state == -1:
                 del self.jobs[job_id]
                 events.append(Event(job_id, ewp.DONE, {"finish_reason": "cancelled",
@@ -75,7 +78,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--connect", required=True)
     p.add_argument("--model-name", required=True)
-    p.add_argument("--mode", choices=["echo", "die", "stall", "garbage"], required=True)
+    p.add_argument("--mode", choices=["echo", "die", "die0", "stall", "garbage"], required=True)
     args = p.parse_args()
     WorkerLoop(FaultyEngine(args.mode), args.connect, args.model_name).run()
 

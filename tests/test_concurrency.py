@@ -148,3 +148,23 @@ def test_backpressure_full_queue_is_503_at_once(replicas):
             assert body["error"]["code"] == "queue_full"
             assert retry_after == "1"
             assert elapsed < 5  # refused at once, not after waiting
+
+
+def test_crashed_worker_is_restarted_and_the_server_keeps_serving(replicas):
+    import os
+    import signal
+
+    before = {w["pid"] for w in replicas.health()["models"]["smol-replicas"]["workers"]}
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGKILL)
+    # The other replica keeps answering while the supervisor restarts the dead one.
+    r = replicas.http.post("/v1/chat/completions", json={
+        "model": "smol-replicas", "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200, r.text
+
+    def restarted():
+        pids = {w["pid"] for w in replicas.health()["models"]["smol-replicas"]["workers"]}
+        return len(pids) == 2 and victim not in pids
+
+    assert wait_for(restarted, 60), replicas.health()
+    assert "exited with code" in replicas.log_text()

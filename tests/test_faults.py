@@ -16,7 +16,7 @@ import zmq
 from conftest import ROOT, ServerProcess, model_config, sse_events
 from worker import protocol as ewp
 
-FAKES = ("fake-echo", "fake-die", "fake-stall", "fake-garbage", "fake-absent")
+FAKES = ("fake-echo", "fake-die", "fake-stall", "fake-garbage", "fake-absent", "fake-flaky")
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +26,14 @@ def faulty(tmp_path_factory):
     srv = ServerProcess(config, tmp_path_factory.mktemp("faulty"))
     workers = []
 
-    def start(mode: str):
+    def start(mode: str, model: str | None = None, count: int = 1):
+        model = model or f"fake-{mode}"
         proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_worker.py"), "--connect",
-                                 srv.worker_addr, "--model-name", f"fake-{mode}", "--mode", mode])
+                                 srv.worker_addr, "--model-name", model, "--mode", mode])
         workers.append(proc)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if srv.health()["models"].get(f"fake-{mode}", {}).get("workers"):
+            if len(srv.health()["models"].get(model, {}).get("workers", [])) >= count:
                 return proc
             time.sleep(0.1)
         raise RuntimeError(f"fake worker {mode} did not register")
@@ -83,6 +84,14 @@ def test_worker_dies_mid_stream(faulty):
     assert events[0]["choices"][0]["delta"]["content"] == "hello"
     assert events[-2]["error"]["code"] == "worker_lost"
     assert events[-1] == "[DONE]"
+
+
+def test_job_moves_to_another_worker_when_the_first_dies_before_answering(faulty):
+    faulty.start_fake("die0", "fake-flaky")
+    faulty.start_fake("echo", "fake-flaky", count=2)
+    r = ask(faulty, "fake-flaky")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "hello world"
 
 
 def test_stalled_worker_is_503_not_a_hang(faulty):

@@ -152,6 +152,14 @@ class Server:
         self.health: dict = {}
 
     def wait_ready(self, timeout: float) -> None:
+        """Poll the health path until 200; on failure the server is stopped before raising."""
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -303,6 +311,7 @@ class Level:
     note: str = ""
     skipped_requests: int = 0  # not sent: the level's time limit was reached
     foreign_cpu: float | None = None  # % of the machine other processes used during the level
+    attempts: int = 1
 
     @property
     def ok(self) -> list[Result]:
@@ -499,33 +508,77 @@ def start_lcpp_server(args, parallel: int) -> tuple[Server, list[int]]:
     return srv, [srv.proc.pid]
 
 
-def run_server_levels(args, name: str, start, extra: dict, levels: list[int], per_level: bool,
-                      fixed_parallel: int | None = None) -> list[Level]:
-    """Start the server (once, or once per level), warm it up, run the levels, kill it."""
-    out: list[Level] = []
-    groups = [[n] for n in levels] if per_level else [levels]
+@dataclass
+class Contender:
+    name: str
+    start: object  # (args, parallel) -> (Server, pids)
+    fixed_parallel: int | None = None  # slots whatever the level (llama-cpp-python's server: 1)
+
+
+def run_contenders(args, contenders: list[Contender], with_inprocess: bool, extra: dict,
+                   out: list[Level]) -> None:
+    """For each group of levels (one group per level, or one for all): start every server, warm
+    it up, then run each level on each server in turn, so the contenders of one level are measured
+    minutes apart, not a whole run apart, on a machine whose other load drifts. Idle servers
+    sleep. Every server is killed at the end of its group, whatever happens. Appends to out, so an
+    interrupted run keeps what it measured."""
+    per_level = args.parallel_mode == "level"
+    groups = [[n] for n in args.concurrency] if per_level else [args.concurrency]
     for group in groups:
-        parallel = fixed_parallel or max(group)
-        srv = None
+        running: list[tuple[Contender, Server, list[int], int]] = []
         try:
-            log(f"[{name}] starting with {parallel} slot(s)")
-            srv, pids = start(args, parallel)
-            warmup(srv.port, "bench", extra)
+            for c in contenders:
+                parallel = c.fixed_parallel or max(group)
+                log(f"[{c.name}] starting with {parallel} slot(s)")
+                try:
+                    srv, pids = c.start(args, parallel)
+                    running.append((c, srv, pids, parallel))
+                    warmup(srv.port, "bench", extra)
+                except Exception as exc:  # one contender failing must not lose the others' results
+                    log(f"[{c.name}] failed to start: {exc}")
+                    out.extend(Level(c.name, n, parallel, note=f"failed: {str(exc).splitlines()[0][:200]}")
+                               for n in group)
             for n in group:
-                log(f"[{name}] concurrency {n}: {n} client(s) x {args.rounds} request(s)")
-                level = run_level(args, srv.port, name, n, "bench", extra, pids)
-                level.parallel = parallel
-                if srv.proc.poll() is not None:
-                    level.note = (level.note + "; " if level.note else "") + f"server exited ({srv.proc.returncode})"
-                out.append(level)
-                log("    " + summary_line(level))
-        except Exception as exc:  # one contender failing must not lose the others' results
-            log(f"[{name}] failed: {exc}")
-            out.append(Level(name, group[0], parallel, note=f"failed: {str(exc).splitlines()[0][:200]}"))
+                if n == 1 and with_inprocess:
+                    log("[in-process] llama-cpp-python, concurrency 1")
+                    try:
+                        out.append(retried(args, lambda: run_inprocess(args)))
+                        log("    " + summary_line(out[-1]))
+                    except Exception as exc:
+                        log(f"[in-process] failed: {exc}")
+                        out.append(Level(IN_PROCESS, 1, note=f"failed: {str(exc).splitlines()[0][:200]}"))
+                for c, srv, pids, parallel in running:
+                    log(f"[{c.name}] concurrency {n}: {n} client(s) x {args.rounds} request(s)")
+                    if srv.proc.poll() is not None:
+                        out.append(Level(c.name, n, parallel, note=f"server had exited ({srv.proc.returncode})"))
+                        continue
+                    level = retried(args, lambda: run_level(args, srv.port, c.name, n, "bench", extra, pids))
+                    level.parallel = parallel
+                    if srv.proc.poll() is not None:
+                        level.note = (level.note + "; " if level.note else "") + \
+                            f"server exited ({srv.proc.returncode})"
+                    out.append(level)
+                    log("    " + summary_line(level))
         finally:
-            if srv is not None:
+            for _, srv, _, _ in running:
                 srv.stop()
-    return out
+
+
+def retried(args, measure) -> "Level":
+    """Measure; while other processes took over --max-other percent of the machine during the
+    measurement, measure again (at most --retries times) and keep the least disturbed attempt."""
+    best = None
+    for attempt in range(args.retries + 1):
+        level = measure()
+        level.attempts = attempt + 1
+        if best is None or (level.foreign_cpu or 0) < (best.foreign_cpu or 0):
+            best = level
+        if level.foreign_cpu is None or level.foreign_cpu <= args.max_other or attempt == args.retries:
+            break
+        log(f"    disturbed (other processes used {level.foreign_cpu:.0f}% of the machine): measuring again")
+        log("    " + summary_line(level))
+    best.attempts = level.attempts
+    return best
 
 
 def summary_line(level: Level) -> str:
@@ -597,11 +650,17 @@ def versions(args) -> dict:
     return v
 
 
-def ratio_row(name: str, num: float | None, den: float | None, target: str, ok) -> str:
+def ratio_row(name: str, num: float | None, den: float | None, target: str, ok,
+              rows: tuple = (), max_other: float = 100.0) -> str:
     if num is None or den is None or den == 0:
         return f"| {name} | - | - | - | {target} | not measured |"
     r = num / den
-    return f"| {name} | {num:.3g} | {den:.3g} | {r:.2f} | {target} | {'met' if ok(r) else 'missed'} |"
+    verdict = "met" if ok(r) else "missed"
+    disturbed = [lv for lv in rows if lv is not None and (lv.foreign_cpu or 0) > max_other]
+    if disturbed:
+        verdict += " (unreliable: other work used " + ", ".join(
+            f"{lv.foreign_cpu:.0f}%" for lv in disturbed) + " of the CPU during a measured row)"
+    return f"| {name} | {num:.3g} | {den:.3g} | {r:.2f} | {target} | {verdict} |"
 
 
 def find(levels: list[Level], server: str, n: int) -> Level | None:
@@ -631,6 +690,10 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
              + (", `ignore_eos: true` (honoured by llama-server only; the others may stop at EOS)"
                 if args.ignore_eos else "")
              + f". Limits: {args.request_timeout:.0f} s per request, {args.level_timeout:.0f} s per level.")
+    L.append(f"- Shared machine: before each level the benchmark waits (up to {args.quiet_wait:.0f} s) until other "
+             f"processes use under {args.quiet_below:.0f}% of the CPU; a level during which they used more than "
+             f"{args.max_other:.0f}% is measured again (up to {args.retries} more times) and the least disturbed "
+             "attempt is kept.")
     mode = ("restarted for every level with `--parallel`/`-np` = that level's concurrency"
             if args.parallel_mode == "level" else
             f"started once with `--parallel`/`-np` = {max(args.concurrency)} (the largest level)")
@@ -662,6 +725,8 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
         short = [r for r in lv.ok if 0 < r.tokens < args.tokens]
         if short:
             notes.append(f"{len(short)} request(s) stopped before max_tokens")
+        if lv.attempts > 1:
+            notes.append(f"least disturbed of {lv.attempts} attempts")
         if lv.skipped_requests:
             notes.append(f"{lv.skipped_requests} request(s) not sent (level time limit)")
         if lv.results and not any(r.usage for r in lv.results):
@@ -680,11 +745,32 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
     e1, ip = find(levels, "edgellm", 1), find(levels, IN_PROCESS, 1)
     e8, s8 = find(levels, "edgellm", 8), find(levels, "llama-server", 8)
     L.append(ratio_row("edgellm 1-stream tok/s ÷ in-process tok/s (stream tok/s)",
-                       e1 and e1.stream_rate, ip and ip.stream_rate, "≥ 0.95", lambda r: r >= 0.95))
+                       e1 and e1.stream_rate, ip and ip.stream_rate, "≥ 0.95", lambda r: r >= 0.95,
+                       (e1, ip), args.max_other))
     L.append(ratio_row("edgellm 8-concurrent total tok/s ÷ llama-server's",
-                       e8 and e8.total_rate, s8 and s8.total_rate, "≥ 1.0", lambda r: r >= 1.0))
+                       e8 and e8.total_rate, s8 and s8.total_rate, "≥ 1.0", lambda r: r >= 1.0,
+                       (e8, s8), args.max_other))
     L.append(ratio_row("edgellm 8-concurrent TTFT p50 ÷ llama-server's (seconds)",
-                       e8 and e8.ttft(0.5), s8 and s8.ttft(0.5), "≤ 1.5", lambda r: r <= 1.5))
+                       e8 and e8.ttft(0.5), s8 and s8.ttft(0.5), "≤ 1.5", lambda r: r <= 1.5,
+                       (e8, s8), args.max_other))
+    L.append("")
+    L.append("## Caveats\n")
+    L.append(f"- The clients, the server(s) and the model's {args.threads} thread(s) share this machine's "
+             f"{mach['cores']} cores. Where threads = cores, every bit of CPU a front end or the client uses is "
+             "taken from the model; llama.cpp's threads wait for each other at every step, so a busy core "
+             "slows a whole step down. A row whose 'other CPU' is high was disturbed by other work.")
+    L.append("- The in-process row is llama-cpp-python's high-level `create_chat_completion` loop in Python "
+             "(per-token detokenizing, stop-string checks and chunk building), so it is the ceiling for "
+             "\"llama-cpp-python without a server\", not for llama.cpp itself; a server with a leaner "
+             "decode loop can beat it.")
+    L.append("- Where a server streams no `usage` (in-process, llama-cpp-python server), tokens are counted "
+             "from content chunks, which is one per token except where a chunk holds back partial UTF-8 or a "
+             "possible stop string.")
+    L.append("- At temperature 0 every contender decodes greedily, so the same prompt gives the same text and "
+             "length everywhere unless a server honours `ignore_eos` (llama-server) and the others stop at "
+             "EOS; the tokens/req column shows it.")
+    L.append("- Few requests per level: TTFT p95 over 2 to 32 requests is close to the maximum. Expect a few "
+             "percent of run-to-run noise on the throughput columns.")
     L.append("")
     if skipped:
         L.append("## Not run\n")
@@ -725,6 +811,10 @@ def parse_args(argv):
                    help="before each level, wait up to this many seconds for other processes to go below "
                         "--quiet-below percent of the machine's CPU (0: do not wait)")
     p.add_argument("--quiet-below", type=float, default=10.0)
+    p.add_argument("--max-other", type=float, default=15.0,
+                   help="measure a level again when other processes used more than this percent of the "
+                        "machine's CPU during it")
+    p.add_argument("--retries", type=int, default=2, help="most re-measurements per level")
     p.add_argument("--out", help="write the markdown report here (default: print it)")
     p.add_argument("--_inprocess-child", dest="inprocess_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -771,26 +861,19 @@ def main(argv=None) -> int:
     started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t0 = time.monotonic()
     levels: list[Level] = []
-    per_level = args.parallel_mode == "level"
     extra = {"ignore_eos": True} if args.ignore_eos else {}
     try:
-        if "inprocess" in only:
-            log("[in-process] llama-cpp-python, concurrency 1")
-            try:
-                levels.append(run_inprocess(args))
-                log("    " + summary_line(levels[-1]))
-            except Exception as exc:
-                log(f"[in-process] failed: {exc}")
-                skipped.append(f"in-process: {str(exc).splitlines()[0][:200]}")
+        contenders = []
         if "edgellm" in only:
-            levels += run_server_levels(args, "edgellm", start_edgellm, extra, args.concurrency, per_level)
+            contenders.append(Contender("edgellm", start_edgellm))
         if args.llama_server:
-            levels += run_server_levels(args, "llama-server", start_llama_server, extra, args.concurrency,
-                                        per_level)
-        if "lcpp-server" in only:
-            # one request at a time whatever the level: start it once
-            levels += run_server_levels(args, "llama-cpp-python server", start_lcpp_server, extra,
-                                        args.concurrency, per_level=False, fixed_parallel=1)
+            contenders.append(Contender("llama-server", start_llama_server))
+        if "lcpp-server" in only:  # it serves one request at a time whatever the level
+            contenders.append(Contender("llama-cpp-python server", start_lcpp_server, fixed_parallel=1))
+        with_inprocess = "inprocess" in only and 1 in args.concurrency
+        if "inprocess" in only and not with_inprocess:
+            skipped.append("in-process: it runs at concurrency 1 only, which --concurrency leaves out")
+        run_contenders(args, contenders, with_inprocess, extra, levels)
     except KeyboardInterrupt:
         log("interrupted: servers stopped; writing what was measured")
         skipped.append("the run was interrupted before it finished")

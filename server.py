@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -338,6 +339,17 @@ def serve(argv: list[str]) -> int:
         log.error("cannot start: %s", exc)
         return 2
     httpd = make_server(config.host, config.port, app, threaded=True)
+    accept = httpd.get_request
+
+    def get_request():
+        # Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
+        # back until the client's (delayed) ACK of the previous write arrives.
+        conn, addr = accept()
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn, addr
+
+    httpd.get_request = get_request
     stop = threading.Event()
 
     def shutdown(*_):

@@ -1,10 +1,10 @@
 """The chat engine: continuous batching over one llama.cpp context.
 
 Each of ``slots`` sequences (llama.cpp seq ids 0..slots-1) holds at most one job. Every
-step builds ONE batch: the next token of every generating job, then as much pending
-prompt as fits in ``n_batch`` (so a long prompt is prefilled in pieces between the
-other jobs' tokens, never stalling them), runs one ``llama_decode``, and samples each
-job's next token with that job's own sampler chain. Jobs join and leave between steps.
+step builds ONE batch: the next token of every generating job, then pending prompt, oldest
+first (see PREFILL_TOKENS_PER_STEP; a long prompt is prefilled in pieces between the other
+jobs' tokens, never stalling them), runs one ``llama_decode``, and samples each job's next
+token with that job's own sampler chain. Jobs join and leave between steps.
 
 Same seed, same output, alone or beside others: llama.cpp's results for a token depend on
 how its own prompt was cut into decode chunks (not on other sequences in the batch), so a
@@ -34,6 +34,12 @@ from worker.sampling import SamplerChain, SamplingParams
 from worker.text_stream import TextStream
 
 log = logging.getLogger("edgellm.worker")
+
+# On a CPU, prefill costs about the same per token however many prompts share a decode, so
+# prompts are prefilled first come, first served: a step takes the oldest waiting prompt
+# chunk, and more only while the step's prefill stays under this many tokens. The first
+# requests then get their first token early instead of all waiting for one big prefill.
+PREFILL_TOKENS_PER_STEP = 128
 
 
 
@@ -189,11 +195,15 @@ class ChatEngine:
             if slot.job.next_token is not None:
                 add(slot.job.next_token, slot, True)
                 slot.job.next_token = None
+        prefilled = 0
         for slot in self._jobs.values():
             job = slot.job
             piece = min(len(job.pending), self.prefill_chunk - job.n_past % self.prefill_chunk)
-            if not piece or n + piece > self.n_batch:
-                continue  # whole chunks only: this one waits for the next step
+            if not piece:
+                continue
+            if n + piece > self.n_batch or (prefilled and prefilled + piece > PREFILL_TOKENS_PER_STEP):
+                break  # whole chunks only, oldest first: the rest wait for the next step
+            prefilled += piece
             for _ in range(piece):
                 token = job.pending.popleft()
                 add(token, slot, not job.pending)

@@ -13,7 +13,10 @@ Contenders (same GGUF, same threads, same prompts, same max_tokens, temperature 
   vendors (``scripts/build_llama_server.sh``), or any binary given with ``--llama-server``.
 * ``llama-cpp-python server``: ``python -m llama_cpp.server`` from a separate venv
   (``--lcpp-venv``), skipped when that venv has no ``llama_cpp.server`` extras. It serves
-  one request at a time, so its rows show queueing.
+  one request at a time, so its rows show queueing. To make that venv without compiling
+  llama.cpp again, install the wheel pip already built for .venv:
+  ``python3 -m venv ~/.cache/edgellm-bench/venv-lcpp && ~/.cache/edgellm-bench/venv-lcpp/bin/pip
+  install "llama_cpp_python[server] @ file://$(find ~/.cache/pip/wheels -name 'llama_cpp_python-0.3.36-*.whl')"``
 
 For every server and concurrency level N, N client threads each send ``--rounds`` streaming
 requests with distinct short prompts (raw http.client, to keep the client's own CPU cost
@@ -64,9 +67,12 @@ TOPICS = [
 ]
 
 
-def prompt_for(i: int) -> list[dict]:
-    return [{"role": "user",
-             "content": f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}. Use many paragraphs."}]
+def prompt_for(i: int, salt: int) -> list[dict]:
+    """The i-th prompt of one measurement. salt (concurrency * 10 + attempt) puts a different
+    request number at the front for every level and attempt, so no server answers a prompt it
+    has already cached (a re-measured level would otherwise show prompt-cache TTFTs)."""
+    return [{"role": "user", "content": f"Request {salt}-{i}: write a long, detailed story about "
+                                        f"{TOPICS[i % len(TOPICS)]}. Use many paragraphs."}]
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,6 +114,16 @@ def cpu_jiffies(pids: list[int]) -> tuple[int, int, int]:
         except (OSError, IndexError, ValueError):
             pass
     return busy, total, ours
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of one process (all its threads), in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def foreign_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> float | None:
@@ -312,6 +328,8 @@ class Level:
     skipped_requests: int = 0  # not sent: the level's time limit was reached
     foreign_cpu: float | None = None  # % of the machine other processes used during the level
     attempts: int = 1
+    cpu_front: float | None = None  # CPU seconds the front-end / server process used during the level
+    cpu_workers: float | None = None  # ... and its worker processes together (edgellm)
 
     @property
     def ok(self) -> list[Result]:
@@ -355,15 +373,15 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def request_body(args, i: int, model: str, extra: dict) -> dict:
-    body = {"model": model, "messages": prompt_for(i), "max_tokens": args.tokens, "temperature": 0,
+def request_body(args, i: int, salt: int, model: str, extra: dict) -> dict:
+    body = {"model": model, "messages": prompt_for(i, salt), "max_tokens": args.tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     body.update(extra)
     return body
 
 
 def run_level(args, port: int, server: str, concurrency: int, model: str, extra: dict,
-              pids: list[int]) -> Level:
+              pids: list[int], attempt: int = 0) -> Level:
     level = Level(server, concurrency)
     lock = threading.Lock()
     barrier = threading.Barrier(concurrency + 1)
@@ -377,7 +395,8 @@ def run_level(args, port: int, server: str, concurrency: int, model: str, extra:
                     level.skipped_requests += args.rounds - rnd
                 return
             remaining = max(1.0, min(args.request_timeout, deadline_box[0] - time.monotonic() + 5))
-            res = stream_chat(port, request_body(args, c * args.rounds + rnd, model, extra), remaining)
+            body = request_body(args, c * args.rounds + rnd, concurrency * 10 + attempt, model, extra)
+            res = stream_chat(port, body, remaining)
             with lock:
                 level.results.append(res)
 
@@ -386,6 +405,7 @@ def run_level(args, port: int, server: str, concurrency: int, model: str, extra:
     for t in threads:
         t.start()
     cpu_before = cpu_jiffies(pids)
+    proc_cpu_before = [cpu_seconds(p) for p in pids]
     start = time.monotonic()
     deadline_box[0] = start + args.level_timeout
     barrier.wait()
@@ -394,6 +414,12 @@ def run_level(args, port: int, server: str, concurrency: int, model: str, extra:
     ends = [r.end for r in level.results]
     level.wall = (max(ends) if ends else time.monotonic()) - start
     level.foreign_cpu = foreign_share(cpu_before, cpu_jiffies(pids))
+    used = [(a - b) if a is not None and b is not None else None
+            for a, b in zip((cpu_seconds(p) for p in pids), proc_cpu_before)]
+    if used:
+        level.cpu_front = used[0]
+        workers = [u for u in used[1:] if u is not None]
+        level.cpu_workers = sum(workers) if workers else None
     if any(t.is_alive() for t in threads):
         level.note = "some clients did not finish in time"
     if pids:
@@ -420,7 +446,7 @@ def inprocess_child(args) -> None:
                           n_threads_batch=args.threads, verbose=False)
 
     def one(i: int | None, max_tokens: int) -> dict:
-        messages = prompt_for(i) if i is not None else [{"role": "user", "content": "Hello"}]
+        messages = prompt_for(i, args.salt) if i is not None else [{"role": "user", "content": "Hello"}]
         start = time.monotonic()
         first = last = None
         chunks = 0
@@ -441,24 +467,27 @@ def inprocess_child(args) -> None:
     one(None, 8)  # warm-up
     wait_for_quiet(args, [])
     out = []
-    cpu_before = cpu_jiffies([])
+    cpu_before, own_before = cpu_jiffies([]), cpu_seconds(os.getpid())
     t0 = time.monotonic()
     for rnd in range(args.rounds):
         out.append(one(rnd, args.tokens))  # the prompts client 0 sends to the servers at concurrency 1
     wall = time.monotonic() - t0
     print(json.dumps({"results": out, "wall": wall, "vmhwm": proc_status(os.getpid()).get("VmHWM"),
-                      "foreign_cpu": foreign_share(cpu_before, cpu_jiffies([]))}))
+                      "foreign_cpu": foreign_share(cpu_before, cpu_jiffies([])),
+                      "cpu": cpu_seconds(os.getpid()) - own_before}))
 
 
-def run_inprocess(args) -> Level:
-    cmd = [sys.executable, __file__, "--_inprocess-child", "--model", args.model, "--threads", str(args.threads),
+def run_inprocess(args, attempt: int = 0) -> Level:
+    cmd = [sys.executable, __file__, "--_inprocess-child", "--salt", str(10 + attempt),
+           "--model", args.model, "--threads", str(args.threads),
            "--tokens", str(args.tokens), "--rounds", str(args.rounds), "--quiet-wait", str(args.quiet_wait),
            "--quiet-below", str(args.quiet_below)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.level_timeout + 120, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"in-process run failed:\n{proc.stderr[-2000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    level = Level(IN_PROCESS, 1, wall=data["wall"], rss_front=data["vmhwm"], foreign_cpu=data["foreign_cpu"])
+    level = Level(IN_PROCESS, 1, wall=data["wall"], rss_front=data["vmhwm"], foreign_cpu=data["foreign_cpu"],
+                  cpu_front=data["cpu"])
     for d in data["results"]:
         r = Result(start=d["start"], end=d["end"], first=d["first"], last=d["last"], chunks=d["chunks"],
                    tokens=d["chunks"], finish_reason=d["finish_reason"])
@@ -542,7 +571,7 @@ def run_contenders(args, contenders: list[Contender], with_inprocess: bool, extr
                 if n == 1 and with_inprocess:
                     log("[in-process] llama-cpp-python, concurrency 1")
                     try:
-                        out.append(retried(args, lambda: run_inprocess(args)))
+                        out.append(retried(args, lambda attempt: run_inprocess(args, attempt)))
                         log("    " + summary_line(out[-1]))
                     except Exception as exc:
                         log(f"[in-process] failed: {exc}")
@@ -552,7 +581,8 @@ def run_contenders(args, contenders: list[Contender], with_inprocess: bool, extr
                     if srv.proc.poll() is not None:
                         out.append(Level(c.name, n, parallel, note=f"server had exited ({srv.proc.returncode})"))
                         continue
-                    level = retried(args, lambda: run_level(args, srv.port, c.name, n, "bench", extra, pids))
+                    level = retried(args, lambda attempt: run_level(args, srv.port, c.name, n, "bench", extra, pids,
+                                                                    attempt))
                     level.parallel = parallel
                     if srv.proc.poll() is not None:
                         level.note = (level.note + "; " if level.note else "") + \
@@ -569,7 +599,7 @@ def retried(args, measure) -> "Level":
     measurement, measure again (at most --retries times) and keep the least disturbed attempt."""
     best = None
     for attempt in range(args.retries + 1):
-        level = measure()
+        level = measure(attempt)
         level.attempts = attempt + 1
         if best is None or (level.foreign_cpu or 0) < (best.foreign_cpu or 0):
             best = level
@@ -585,7 +615,8 @@ def summary_line(level: Level) -> str:
     return (f"ok {len(level.ok)}/{len(level.results)}  tokens {level.total_tokens}  wall {level.wall:.1f}s  "
             f"total {fmt(level.total_rate, 1)} tok/s  stream {fmt(level.stream_rate, 1)} tok/s  "
             f"TTFT p50 {fmt_ms(level.ttft(0.5))} p95 {fmt_ms(level.ttft(0.95))}  "
-            f"other CPU {fmt(level.foreign_cpu, 0)}%"
+            f"other CPU {fmt(level.foreign_cpu, 0)}%  CPU s front {fmt(level.cpu_front)} "
+            f"workers {fmt(level.cpu_workers)}"
             + (f"  errors: {level.errors[0].error}" if level.errors else ""))
 
 
@@ -685,7 +716,8 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
              f" ({os.path.getsize(args.model) / 1e6:.0f} MB), context 2048 tokens per slot, "
              f"{args.threads} thread(s) for every contender (generation and batch)")
     L.append(f"- Load: at concurrency N, N client threads each send {args.rounds} streaming chat requests one "
-             f"after the other (distinct short prompts \"Write a long, detailed story about ...\"), "
+             f"after the other (distinct short prompts \"Request S-I: write a long, detailed story about ...\", "
+             "numbered per level and attempt so that no server sees a prompt twice), "
              f"`max_tokens` {args.tokens}, `temperature` 0"
              + (", `ignore_eos: true` (honoured by llama-server only; the others may stop at EOS)"
                 if args.ignore_eos else "")
@@ -704,14 +736,15 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
              "`usage.completion_tokens` where it streams one, else content chunks; total tok/s = all tokens "
              "of the level / its wall time; stream tok/s = median over requests of (tokens - 1) / (last chunk "
              "- first chunk), i.e. decode speed seen by one client; RSS = peak resident memory (VmHWM) of the "
-             "front-end / server process and of each worker process (edgellm only), in MiB; other CPU = share of "
+             "front-end / server process and of each worker process (edgellm only), in MiB; CPU s = CPU seconds that process (or the workers together) used during the level, "
+             "the client's work excluded; other CPU = share of "
              "the machine's CPU time that processes other than the benchmark and the server under test used "
              "during the level (this machine is shared: a high value means that row is disturbed).\n")
 
     L.append("## Results\n")
     L.append("| contender | conc. | slots | ok/sent | tokens/req | TTFT p50 | TTFT p95 | total tok/s | "
-             "stream tok/s | RSS front (MiB) | RSS workers (MiB) | other CPU | notes |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+             "stream tok/s | RSS front (MiB) | RSS workers (MiB) | CPU s front | CPU s workers | other CPU | notes |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for lv in sorted(levels, key=lambda lv: (lv.concurrency, ORDER.get(lv.server, 9))):
         notes = []
         if lv.note:
@@ -735,7 +768,8 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
         L.append(f"| {lv.server} | {lv.concurrency} | {lv.parallel or '-'} | {len(lv.ok)}/{sent} | "
                  f"{fmt(lv.mean_tokens, 0)} | {fmt_ms(lv.ttft(0.5))} | {fmt_ms(lv.ttft(0.95))} | "
                  f"{fmt(lv.total_rate)} | {fmt(lv.stream_rate)} | {mib(lv.rss_front)} | "
-                 f"{' + '.join(mib(w) for w in lv.rss_workers) or '-'} | {fmt(lv.foreign_cpu, 0)}% | "
+                 f"{' + '.join(mib(w) for w in lv.rss_workers) or '-'} | {fmt(lv.cpu_front)} | "
+                 f"{fmt(lv.cpu_workers)} | {fmt(lv.foreign_cpu, 0)}% | "
                  f"{'; '.join(notes)} |")
     L.append("")
 
@@ -817,6 +851,7 @@ def parse_args(argv):
     p.add_argument("--retries", type=int, default=2, help="most re-measurements per level")
     p.add_argument("--out", help="write the markdown report here (default: print it)")
     p.add_argument("--_inprocess-child", dest="inprocess_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--salt", type=int, default=10, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.model = str(Path(args.model).resolve())
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})

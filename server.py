@@ -182,20 +182,15 @@ class EdgeLLM:
                                            score_threshold=self.config.score_threshold)
             call.job["messages"] = merge_context(call.job["messages"], hits, model_config)
         gone = self.disconnect_check(request)
-        client, first = self.jobs.start(model, call.job, gone)
         responder = ChatResponder(model)
         if call.stream:
+            client, first = self.jobs.start(model, call.job, gone)
             return Response(self._stream_chat(client, first, responder, call.include_usage, gone),
                             mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        parts, msg = [], first
-        try:
-            while msg.command == ewp.CHUNK:
-                parts.append(msg.body["text"])
-                msg = self.jobs.next_message(client, gone=gone)
-        finally:
-            client.close()
-        return json_response(responder.completion("".join(parts), msg.body["finish_reason"], msg.body["usage"]))
+        chunks, done = self.jobs.collect(model, call.job, gone)
+        text = "".join(c["text"] for c in chunks)
+        return json_response(responder.completion(text, done["finish_reason"], done["usage"]))
 
     def _stream_chat(self, client: JobClient, msg: ewp.Message, responder: ChatResponder, include_usage: bool,
                      gone):

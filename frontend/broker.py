@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
 from collections import deque
+from queue import SimpleQueue
 from dataclasses import dataclass, field
 
 import zmq
@@ -94,7 +94,7 @@ class Broker:
         self.jobs: dict[str, Job] = {}
         self.queues: dict[str, deque[str]] = {}
         self._snapshot: dict = {}
-        self._exited_pids: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._exited_pids: SimpleQueue[int] = SimpleQueue()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="broker", daemon=True)

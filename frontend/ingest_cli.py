@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-SUFFIXES = {".txt", ".md", ".markdown"}
+from frontend.rag import TEXT_SUFFIXES
 
 
 def find_files(paths: list[str]) -> list[Path]:
@@ -25,7 +25,7 @@ def find_files(paths: list[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES))
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES))
         elif path.is_file():
             found.append(path)
         else:

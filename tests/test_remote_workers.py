@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from conftest import CHAT_PATH, ROOT, ServerProcess, free_port, model_config
 
 

@@ -6,10 +6,12 @@ first (see PREFILL_TOKENS_PER_STEP; a long prompt is prefilled in pieces between
 jobs' tokens, never stalling them), runs one ``llama_decode``, and samples each job's next
 token with that job's own sampler chain. Jobs join and leave between steps.
 
-Same seed, same output, alone or beside others: llama.cpp's results for a token depend on
-how its own prompt was cut into decode chunks (not on other sequences in the batch), so a
-prompt is always prefilled in chunks of ``prefill_chunk`` tokens at fixed positions (0, C,
-2C, ...), whatever else is running. A prompt longer than that is spread over several steps,
+Same seed, same output, alone or beside others: measured here, llama.cpp's results for a
+token change with how its own prompt was cut into decode chunks (another sequence's rows in
+the same batch did not change them), so a prompt is always prefilled in chunks of
+``prefill_chunk`` tokens at fixed positions (0, C, 2C, ...), whatever else is running. (A
+prompt longer than one chunk, prefilled while others generate, can still diverge: see the
+README's limits.) A prompt longer than that is spread over several steps,
 between the other jobs' tokens.
 
 A slot remembers the tokens its sequence still has in the KV cache after its job ends; a

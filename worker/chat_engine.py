@@ -80,11 +80,9 @@ class ChatEngine:
     kind = "chat"
 
     def __init__(self, model_path: str, *, ctx_size: int, slots: int, threads: int,
-                 n_gpu_layers: int = 0, n_batch: int = 512, chat_template: str | None = None,
-                 defaults: dict | None = None):
+                 n_gpu_layers: int = 0, n_batch: int = 512, chat_template: str | None = None):
         self.ctx_size = ctx_size
         self.slots = slots
-        self.defaults = defaults or {}
         self.model = LoadedModel(model_path, n_ctx=ctx_size * slots, n_batch=n_batch, n_seq_max=slots,
                                  threads=threads, n_gpu_layers=n_gpu_layers)
         self.n_batch = self.model.n_batch
@@ -124,7 +122,7 @@ class ChatEngine:
         lc.llama_memory_seq_rm(self.model.memory, slot.seq_id, keep, -1)
         slot.cached = prompt[:keep]
         slot.exact = keep
-        params = SamplingParams.from_request({**self.defaults, **request})
+        params = SamplingParams.from_request(request)
         stop = request.get("stop") or []
         max_tokens = request.get("max_tokens")
         slot.job = ChatJob(job_id=job_id, prompt=prompt,

@@ -236,14 +236,13 @@ class Broker:
             self._fail(job, "worker_protocol_error",
                        f"the worker for model '{job.model}' sent a malformed reply ({problem}); please retry")
             return
-        job.answered = True
         if msg.command in (ewp.DONE, ewp.ERROR):
             worker.jobs.discard(job.job_id)
             if msg.command == ewp.ERROR and msg.body.get("code") == "worker_busy":
-                job.worker = None  # its view of free slots was stale: wait for another
-                self.queues.setdefault(job.model, deque()).appendleft(job.job_id)
+                self._requeue(job)  # its view of free slots was stale: wait for another
                 return
             del self.jobs[job.job_id]
+        job.answered = True
         self._to_client(job.client, msg.command, job.job_id, msg.body)
 
     def _register(self, identity: WorkerKey, body: dict) -> None:
@@ -268,13 +267,17 @@ class Broker:
             if job is not None and not job.answered and job.attempts < MAX_ATTEMPTS:
                 # Nothing was sent yet: another worker can take it (but not forever: it may be what
                 # killed the worker).
-                job.worker = None
                 job.enqueued = time.monotonic()
-                self.queues.setdefault(job.model, deque()).appendleft(job_id)
+                self._requeue(job)
             elif job is not None:
                 self._fail(job, "worker_lost",
                            f"the worker serving model '{worker.model}' stopped ({why}) before the answer was "
                            "complete; please retry")
+
+    def _requeue(self, job: Job) -> None:
+        """Put a job that a worker gave back at the head of its model's queue."""
+        job.worker = None
+        self.queues.setdefault(job.model, deque()).appendleft(job.job_id)
 
     def _expire_workers(self, now: float) -> None:
         for identity in [i for i, w in self.workers.items() if w.expiry < now]:
@@ -302,10 +305,8 @@ class Broker:
         job = Job(msg.job_id, client, model, msg.body, time.monotonic())
         queue = self.queues.setdefault(model, deque())
         if len(queue) >= self.limits.queue_size:
-            self._to_client(client, ewp.ERROR, job.job_id, {
-                **ewp.error_body("queue_full", f"model '{model}' has {len(queue)} requests waiting already; "
-                                 f"retry in {self.limits.retry_after}s"),
-                "headers": {"Retry-After": str(self.limits.retry_after)}})
+            self._fail(job, "queue_full", f"model '{model}' has {len(queue)} requests waiting already; "
+                       f"retry in {self.limits.retry_after}s", {"Retry-After": str(self.limits.retry_after)})
             return
         self.jobs[job.job_id] = job
         queue.append(job.job_id)

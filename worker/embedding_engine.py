@@ -44,10 +44,9 @@ class PendingInput:
 class EmbeddingEngine:
     kind = "embedding"
 
-    def __init__(self, model_path: str, *, ctx_size: int, slots: int, threads: int, n_gpu_layers: int = 0,
-                 n_batch: int = 512):
-        probe_ctx = min(ctx_size, 1 << 20)
-        self.model = LoadedModel(model_path, n_ctx=probe_ctx, n_batch=probe_ctx, n_seq_max=MAX_SEQUENCES,
+    def __init__(self, model_path: str, *, ctx_size: int, slots: int, threads: int, n_gpu_layers: int = 0):
+        # One decode holds a whole context: an input may be that long, and an encoder cannot split it.
+        self.model = LoadedModel(model_path, n_ctx=ctx_size, n_batch=ctx_size, n_seq_max=MAX_SEQUENCES,
                                  threads=threads, n_gpu_layers=n_gpu_layers, embeddings=True, kv_unified=True)
         # One input may be as long as the model was trained for, and no longer than one decode.
         self.max_input = min(self.model.n_ctx_train or ctx_size, self.model.n_batch, ctx_size)

@@ -12,5 +12,5 @@ def build_engine(kind: str, model_path: str, *, ctx_size: int, slots: int, threa
     if kind == "embedding":
         from worker.embedding_engine import EmbeddingEngine
         return EmbeddingEngine(model_path, ctx_size=ctx_size, slots=slots, threads=threads,
-                               n_gpu_layers=n_gpu_layers, n_batch=n_batch)
+                               n_gpu_layers=n_gpu_layers)
     raise ValueError(f"unknown model kind {kind!r}")

@@ -1,12 +1,12 @@
 """Documents in, context out: ingestion into the store, retrieval, and RAG prompt merging.
 
 Chunking and embedding run on the embedding model's workers (chunk sizes are counted in
-that model's tokens); the front end only moves text and vectors between them and the store.
+that model's tokens), as one job per document; the front end only moves text and vectors
+between them and the store, which keeps a document in one transaction.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -14,7 +14,7 @@ from pathlib import PurePath
 from frontend.config import RAG_PROMPT, ModelConfig
 from frontend.errors import APIError, bad_request
 from frontend.jobs import JobRunner
-from store import Hit, Store
+from store import Hit, Store, content_hash
 
 log = logging.getLogger("edgellm.rag")
 
@@ -52,32 +52,31 @@ class Knowledge:
 
     def embed(self, model: str, texts: list) -> tuple[list[list[float]], int]:
         chunks, done = self.runner.collect(model, {"kind": "embedding", "input": texts})
-        vectors = [c["embedding"] for c in sorted(chunks, key=lambda c: c["index"])]
-        if len(vectors) != len(texts):
-            raise APIError(500, f"the embedding worker returned {len(vectors)} vectors for {len(texts)} inputs",
-                           "worker_protocol_error")
-        return vectors, done["usage"]["prompt_tokens"]
+        return [c["embedding"] for c in _in_order(chunks, len(texts))], done["usage"]["prompt_tokens"]
 
     def chunk(self, model: str, text: str, capacity: int | None = None) -> list[str]:
-        chunks, _ = self.runner.collect(model, {"kind": "chunk", "text": text,
-                                                "capacity": capacity or self.chunk_capacity})
-        return [c["text"] for c in chunks]
+        chunks, _ = self.runner.collect(model, self._chunk_job(text, capacity, embed=False))
+        return [c["text"] for c in _in_order(chunks)]
 
     def ingest(self, filename: str, data: bytes, text: str, *, collection: str, model: str,
                capacity: int | None = None) -> IngestResult:
-        """Chunk, embed and store one document in one transaction; an unchanged one adds nothing."""
-        digest = hashlib.sha256(data).hexdigest()
-        existing = self.store.get_collection(collection) and self.store.get_document(collection, filename)
+        """Chunk, embed (one worker job) and store (one transaction) one document; an unchanged
+        one adds nothing."""
+        digest = content_hash(data)
+        existing = self.store.get_document(collection, filename)
         if existing and existing.content_hash == digest:
             return IngestResult(existing.file_id, filename, collection, "unchanged", existing.chunk_count, 0)
-        chunks = self.chunk(model, text, capacity)
+        chunks, done = self.runner.collect(model, self._chunk_job(text, capacity, embed=True))
         if not chunks:
             raise bad_request(f"'{filename}' holds no text", "file", code="empty_file")
-        vectors, tokens = self.embed(model, chunks)
-        self.store.create_collection(collection, model, len(vectors[0]))
-        record, _, status = self.store.ingest_file(collection, filename, data, chunks, vectors)
-        log.info("ingested %s into %r: %s, %d chunks", filename, collection, status, len(chunks))
-        return IngestResult(record.id, filename, collection, str(status), len(chunks), tokens)
+        chunks = _in_order(chunks)
+        record, status = self.store.ingest_document(collection, model, filename, data, digest,
+                                                    [c["text"] for c in chunks], [c["embedding"] for c in chunks])
+        log.info("ingested %r into %r: %s, %d chunks", filename, collection, status, len(chunks))
+        return IngestResult(record.id, filename, collection, str(status), len(chunks), done["usage"]["prompt_tokens"])
+
+    def _chunk_job(self, text: str, capacity: int | None, *, embed: bool) -> dict:
+        return {"kind": "chunk", "text": text, "capacity": capacity or self.chunk_capacity, "embed": embed}
 
     def retrieve(self, query: str, collection_name: str, *, model: str | None, limit: int,
                  score_threshold: float) -> list[Hit]:
@@ -92,6 +91,15 @@ class Knowledge:
                               code="embedding_model_mismatch")
         [vector], _ = self.embed(collection.model, [query])
         return self.store.search(collection_name, vector, limit=limit, score_threshold=score_threshold)
+
+
+def _in_order(chunks: list[dict], expected: int | None = None) -> list[dict]:
+    """A job's CHUNK bodies sorted by index, checked to be exactly 0..n-1 (n = ``expected``)."""
+    ordered = sorted(chunks, key=lambda c: c["index"])
+    if [c["index"] for c in ordered] != list(range(len(ordered) if expected is None else expected)):
+        raise APIError(500, f"the embedding worker returned {len(ordered)} results with wrong indices",
+                       "worker_protocol_error")
+    return ordered
 
 
 def last_user_text(messages: list[dict]) -> str:

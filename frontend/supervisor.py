@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from frontend.config import ModelConfig
+from worker.settings import WorkerSettings
 
 log = logging.getLogger("edgellm.supervisor")
 
@@ -30,21 +31,11 @@ def auto_cores(workers: int, available: list[int]) -> list[str]:
 
 def worker_command(model: ModelConfig, connect: str, replica: int, *, verbose: bool = False,
                    cores: list[str] | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "worker", "--connect", connect, "--model-name", model.name,
-           "--model-path", model.path, "--kind", model.kind, "--ctx-size", str(model.ctx_size),
-           "--batch-size", str(model.batch_size), "--parallel", str(model.parallel),
-           "--n-gpu-layers", str(model.n_gpu_layers)]
-    if model.threads:
-        cmd += ["--threads", str(model.threads)]
-    if cores:
-        cmd += ["--cores", cores[replica]]
-    if model.gpus:
-        cmd += ["--gpu", model.gpus[replica]]
-    if model.chat_template:
-        cmd += ["--chat-template", model.chat_template]
-    if verbose:
-        cmd.append("--verbose")
-    return cmd
+    """The command line of one local worker process for ``model``."""
+    settings = WorkerSettings(**vars(model.model_settings()), connect=connect,
+                              cores=cores[replica] if cores else None,
+                              gpu=model.gpus[replica] if model.gpus else None, verbose=verbose)
+    return [sys.executable, "-m", "worker", *settings.argv()]
 
 
 @dataclass
@@ -97,9 +88,6 @@ class Supervisor:
                     w.backoff = min(w.backoff * 2, RESTART_MAX)
                 elif w.process is None and now >= w.restart_at and not self._stop.is_set():
                     self._spawn(w)
-
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self.workers if w.process is not None]
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -42,11 +42,11 @@ class FaultyEngine:
         if job_id in self.jobs:
             self.jobs[job_id] = -1
 
+    def abort(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
     def busy(self) -> bool:
         return self.mode != "stall" and bool(self.jobs)
-
-    def free_slots(self) -> int:
-        return self.slots - len(self.jobs)
 
     def step(self) -> list[Event]:
         events = []

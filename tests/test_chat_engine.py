@@ -1,22 +1,35 @@
-"""The chat engine on the real model, without sockets: batching, prefill interleaving, slots."""
+"""The chat engine on the real model, without sockets: batching, prefill interleaving, slot
+states, and failures that end only the jobs they concern."""
 
 from __future__ import annotations
 
+import llama_cpp as lc
 import pytest
 
-from conftest import CHAT_PATH
+from conftest import CHAT_MODEL, CHAT_PATH
+from worker import chat_engine as chat_engine_module
 from worker import protocol as ewp
-from worker.chat_engine import ChatEngine
+from worker.chat_engine import ChatEngine, SlotState
 from worker.loop import JobError
 from worker.model import quiet_llama_logs
+from worker.settings import ModelSettings
 
 LONG = "Here is a note about the weather. " * 150  # ~1200 tokens of prompt
 
 
+def make_engine(slots: int) -> ChatEngine:
+    quiet_llama_logs(False)
+    return ChatEngine(ModelSettings(name=CHAT_MODEL, path=str(CHAT_PATH), ctx_size=2048, parallel=slots,
+                                    threads=2))
+
+
 @pytest.fixture(scope="module")
 def engine():
-    quiet_llama_logs(False)
-    return ChatEngine(str(CHAT_PATH), ctx_size=2048, slots=2, threads=2)
+    return make_engine(2)
+
+
+def states(engine) -> list[SlotState]:
+    return [slot.state for slot in engine._slots]
 
 
 def job_id(n: int) -> str:
@@ -43,15 +56,22 @@ def run(engine, jobs: dict[str, dict], start_later: dict[str, dict] | None = Non
     return {j: (texts[j], done[j]) for j in texts}
 
 
-def test_prompt_joining_mid_generation_changes_nothing(engine):
+def test_same_requests_under_the_same_load_give_the_same_text(engine):
+    """What determinism holds (README, "Determinism"): the same seeded requests, joining at the
+    same step, give the same text again. A prompt joining mid-generation is served in full: its
+    usage matches the same request run alone (its text may differ from alone: llama.cpp's kernels
+    pick paths by batch size)."""
     short = {"messages": [{"role": "user", "content": "Tell me about cats."}], "seed": 7, "max_tokens": 30}
     medium = {"messages": [{"role": "user", "content": LONG[:1200] + "Summarise."}], "seed": 8, "max_tokens": 10}
-    alone_short = run(engine, {job_id(1): short})[job_id(1)]
     alone_medium = run(engine, {job_id(2): medium})[job_id(2)]
-    together = run(engine, {job_id(3): short}, start_later={job_id(4): medium})
-    assert together[job_id(3)][0] == alone_short[0]
-    assert together[job_id(4)][0] == alone_medium[0]
-    assert together[job_id(4)][1]["usage"]["prompt_tokens"] > 200
+    first = run(engine, {job_id(3): short}, start_later={job_id(4): medium})
+    again = run(engine, {job_id(13): short}, start_later={job_id(14): medium})
+    assert first[job_id(3)][0] == again[job_id(13)][0]
+    assert first[job_id(4)][0] == again[job_id(14)][0]
+    assert first[job_id(4)][1]["usage"]["prompt_tokens"] == alone_medium[1]["usage"]["prompt_tokens"] > 200
+    assert first[job_id(3)][1]["usage"]["completion_tokens"] <= 30
+    assert first[job_id(4)][1]["finish_reason"] in ("stop", "length")
+    assert states(engine) == [SlotState.IDLE, SlotState.IDLE]
 
 
 def test_long_prompt_is_prefilled_between_other_tokens(engine):
@@ -76,7 +96,7 @@ def test_long_prompt_is_prefilled_between_other_tokens(engine):
 
 def test_reused_prefix_gives_the_same_answer_as_a_fresh_prefill(engine):
     long = {"messages": [{"role": "user", "content": LONG + "Summarise."}], "seed": 9, "max_tokens": 10}
-    fresh = ChatEngine(str(CHAT_PATH), ctx_size=2048, slots=1, threads=2)
+    fresh = make_engine(1)
     cold_text, cold_done = run(fresh, {job_id(20): long})[job_id(20)]
     assert cold_done["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     warm_text, warm_done = run(fresh, {job_id(21): long})[job_id(21)]
@@ -84,21 +104,22 @@ def test_reused_prefix_gives_the_same_answer_as_a_fresh_prefill(engine):
     assert warm_text == cold_text
 
 
-def test_cancel_frees_the_slot(engine):
+def test_slot_states_and_cancel_frees_the_slot(engine):
     engine.submit(job_id(5), {"messages": [{"role": "user", "content": "Write a long story."}]})
-    assert engine.free_slots() == 1
+    assert sorted(states(engine), key=lambda s: s.value) == [SlotState.IDLE, SlotState.PREFILLING]
     engine.step()
+    assert SlotState.GENERATING in states(engine)
     engine.cancel(job_id(5))
     events = engine.step()
     assert [e.body["finish_reason"] for e in events if e.command == ewp.DONE] == ["cancelled"]
-    assert engine.free_slots() == 2 and not engine.busy()
+    assert states(engine) == [SlotState.IDLE, SlotState.IDLE] and not engine.busy()
 
 
 def test_prompt_over_context_is_refused(engine):
     with pytest.raises(JobError) as info:
         engine.submit(job_id(6), {"messages": [{"role": "user", "content": LONG * 2}]})
     assert info.value.code == "context_length_exceeded"
-    assert engine.free_slots() == 2
+    assert states(engine) == [SlotState.IDLE, SlotState.IDLE]
 
 
 def test_full_engine_says_busy(engine):
@@ -110,3 +131,40 @@ def test_full_engine_says_busy(engine):
     assert info.value.code == "worker_busy"
     while engine.busy():
         engine.step()
+
+
+def test_a_sampling_failure_fails_only_its_job(engine, monkeypatch):
+    story = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 20}
+    engine.submit(job_id(30), story)
+    engine.submit(job_id(31), story)
+    engine.step()
+    broken = engine._jobs[job_id(30)].job.sampler
+
+    def explode(ctx, index):
+        raise RuntimeError("sampler bug")
+
+    monkeypatch.setattr(broken, "sample", explode)
+    events = engine.step()
+    errors = [e for e in events if e.command == ewp.ERROR]
+    assert [(e.job_id, e.body["code"]) for e in errors] == [(job_id(30), "internal_error")]
+    assert job_id(30) not in engine._jobs and job_id(31) in engine._jobs
+    finished = []
+    while engine.busy():
+        finished += [e.job_id for e in engine.step() if e.command == ewp.DONE]
+    assert finished == [job_id(31)]
+    assert states(engine) == [SlotState.IDLE, SlotState.IDLE]
+
+
+def test_a_failed_decode_fails_the_jobs_in_its_batch_and_the_engine_goes_on(engine, monkeypatch):
+    request = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    engine.submit(job_id(40), request)
+    engine.submit(job_id(41), request)
+    real_decode = lc.llama_decode
+    monkeypatch.setattr(chat_engine_module.lc, "llama_decode", lambda ctx, batch: 1)
+    events = engine.step()
+    assert sorted((e.job_id, e.body["code"]) for e in events) == [(job_id(40), "internal_error"),
+                                                                  (job_id(41), "internal_error")]
+    assert states(engine) == [SlotState.IDLE, SlotState.IDLE] and not engine.busy()
+    monkeypatch.setattr(chat_engine_module.lc, "llama_decode", real_decode)
+    text, done = run(engine, {job_id(42): request})[job_id(42)]
+    assert done["usage"]["completion_tokens"] >= 1

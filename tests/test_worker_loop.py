@@ -15,7 +15,8 @@ JOB = "ab" * 16
 
 
 class CountingEngine:
-    """Emits the words of the request's text one per step, then DONE."""
+    """Emits the words of the request's text one per step, then DONE. The word "crash" makes
+    step() raise (an engine bug)."""
 
     kind = "chat"
     slots = 2
@@ -34,15 +35,17 @@ class CountingEngine:
     def cancel(self, job_id):
         self.jobs[job_id] = None
 
+    def abort(self, job_id):
+        self.jobs.pop(job_id, None)
+
     def busy(self):
         return bool(self.jobs)
-
-    def free_slots(self):
-        return self.slots - len(self.jobs)
 
     def step(self):
         events = []
         for job_id, words in list(self.jobs.items()):
+            if words and words[0] == "crash":
+                raise RuntimeError("engine bug")
             if not words:
                 del self.jobs[job_id]
                 events.append(Event(job_id, ewp.DONE, {"finish_reason": "cancelled" if words is None else "stop",
@@ -87,7 +90,7 @@ def test_registers_and_heartbeats(broker):
     assert ready.command == ewp.READY
     assert ready.body["model"] == "counting" and ready.body["slots"] == 2 and ready.body["n_ctx"] == 64
     _, beat = recv(sock, skip_heartbeats=False)
-    assert beat.command == ewp.HEARTBEAT and beat.body["free_slots"] == 2
+    assert beat.command == ewp.HEARTBEAT and beat.body is None
 
 
 def test_job_streams_chunks_then_done(broker):
@@ -146,3 +149,21 @@ def test_disconnect_makes_it_register_again(broker):
     sock.send_multipart([identity, *ewp.encode(ewp.DISCONNECT)])
     _, msg = recv(sock, timeout=ewp.RECONNECT_MAX)
     assert msg.command == ewp.READY
+
+
+def test_an_engine_exception_fails_the_jobs_and_the_worker_goes_on(broker):
+    sock, loop = broker
+    identity, _ = recv(sock)
+    other = "cd" * 16
+    sock.send_multipart([identity, *ewp.encode(ewp.JOB, other, {"text": " ".join(["w"] * 500)})])
+    assert recv(sock)[1].body["text"] == "w"
+    sock.send_multipart([identity, *ewp.encode(ewp.JOB, JOB, {"text": "crash"})])
+    failed = {}
+    while len(failed) < 2:
+        _, msg = recv(sock)
+        if msg.command == ewp.ERROR:
+            failed[msg.job_id] = msg.body["code"]
+    assert failed == {JOB: "internal_error", other: "internal_error"}
+    assert not loop.jobs and not loop.engine.jobs
+    sock.send_multipart([identity, *ewp.encode(ewp.JOB, "ef" * 16, {"text": "still alive"})])
+    assert recv(sock)[1].body["text"] == "still"

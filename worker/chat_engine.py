@@ -1,29 +1,32 @@
 """The chat engine: continuous batching over one llama.cpp context.
 
-Each of ``slots`` sequences (llama.cpp seq ids 0..slots-1) holds at most one job. Every
-step builds ONE batch: the next token of every generating job, then pending prompt, oldest
-first (see PREFILL_TOKENS_PER_STEP; a long prompt is prefilled in pieces between the other
-jobs' tokens, never stalling them), runs one ``llama_decode``, and samples each job's next
-token with that job's own sampler chain. Jobs join and leave between steps.
+Each of ``parallel`` slots (llama.cpp seq ids 0..parallel-1) holds at most one job, and is in
+one of the states of ``SlotState``. A step has three phases:
 
-Same seed, same output, alone or beside others: measured here, llama.cpp's results for a
-token change with how its own prompt was cut into decode chunks (another sequence's rows in
-the same batch did not change them), so a prompt is always prefilled in chunks of
-``prefill_chunk`` tokens at fixed positions (0, C, 2C, ...), whatever else is running. (A
-prompt longer than one chunk, prefilled while others generate, can still diverge: see the
-README's limits.) A prompt longer than that is spread over several steps,
-between the other jobs' tokens.
+1. build the batch: the next token of every generating slot, then pending prompt of the
+   prefilling slots, oldest first (see PREFILL_TOKENS_PER_STEP: a long prompt is prefilled in
+   pieces between the other jobs' tokens, never stalling them);
+2. decode it with one ``llama_decode``;
+3. sample each slot's next token with that job's own sampler chain.
 
-A slot remembers the tokens its sequence still has in the KV cache after its job ends; a
-new job goes to the free slot sharing the longest prefix with its prompt (a chat's next
-turn) and only the rest is prefilled. Only whole prefill chunks are reused, so a reused
-prefix is bit-for-bit what a fresh prefill would compute.
+Jobs join and leave between steps. An exception in any phase fails only the jobs that phase
+was working on, each with a coded ERROR; the engine and the worker process carry on.
+
+A prompt is prefilled in chunks of ``prefill_chunk`` tokens at fixed positions (0, C, 2C...),
+and a slot remembers the tokens its sequence still has in the KV cache after its job ends: a
+new job goes to the free slot sharing the longest prefix with its prompt (a chat's next turn)
+and only whole chunks of that prefix are reused, so a reused prefix was computed in exactly
+the decode a fresh prefill would run. (Results are not promised to be bit-identical across
+different batch compositions: llama.cpp's CPU kernels pick paths by batch size. See the
+README's "Determinism".)
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import llama_cpp as lc
@@ -33,6 +36,7 @@ from worker.chat_template import ChatTemplate, TemplateError
 from worker.loop import Event, JobError
 from worker.model import LoadedModel
 from worker.sampling import SamplerChain, SamplingParams
+from worker.settings import ModelSettings
 from worker.text_stream import TextStream
 
 log = logging.getLogger("edgellm.worker")
@@ -44,6 +48,12 @@ log = logging.getLogger("edgellm.worker")
 PREFILL_TOKENS_PER_STEP = 128
 
 
+class SlotState(enum.Enum):
+    IDLE = "idle"  # no job; its sequence may still hold a reusable prompt prefix
+    PREFILLING = "prefilling"  # the job's prompt is being decoded, a piece per step
+    GENERATING = "generating"  # the job has a sampled token waiting to be decoded
+    DONE = "done"  # the job ended during this step; the slot is idle again once the step returns
+
 
 @dataclass
 class ChatJob:
@@ -53,7 +63,6 @@ class ChatJob:
     text: TextStream
     max_tokens: int | None
     pending: deque[int]  # prompt tokens not yet decoded
-    n_past: int  # tokens of this sequence in the KV cache
     n_cached: int  # prompt tokens reused from the slot's cache (not prefilled again)
     next_token: int | None = None  # sampled, not yet decoded
     n_generated: int = 0
@@ -63,6 +72,7 @@ class ChatJob:
 @dataclass
 class Slot:
     seq_id: int
+    state: SlotState = SlotState.IDLE
     cached: list[int] = field(default_factory=list)  # tokens in the KV cache for this sequence
     exact: int = 0  # how many of them were prefilled in whole chunks (safe to reuse)
     job: ChatJob | None = None
@@ -79,23 +89,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class ChatEngine:
     kind = "chat"
 
-    def __init__(self, model_path: str, *, ctx_size: int, slots: int, threads: int,
-                 n_gpu_layers: int = 0, n_batch: int = 512, chat_template: str | None = None):
-        self.ctx_size = ctx_size
-        self.slots = slots
-        self.model = LoadedModel(model_path, n_ctx=ctx_size * slots, n_batch=n_batch, n_seq_max=slots,
-                                 threads=threads, n_gpu_layers=n_gpu_layers)
+    def __init__(self, settings: ModelSettings):
+        self.ctx_size = settings.ctx_size
+        self.slots = settings.parallel
+        self.model = LoadedModel(settings.path, n_ctx=settings.ctx_size * settings.parallel,
+                                 n_batch=settings.batch_size, n_seq_max=settings.parallel,
+                                 threads=settings.threads, n_gpu_layers=settings.n_gpu_layers)
         self.n_batch = self.model.n_batch
         # Leave one row per slot for the generating jobs' next tokens.
-        self.prefill_chunk = max(1, self.n_batch - slots)
+        self.prefill_chunk = max(1, self.n_batch - self.slots)
         vocab = self.model.vocab
         self.bos_text = self.model.token_text(lc.llama_vocab_bos(vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(vocab))
-        self.template = ChatTemplate(chat_template or self.model.chat_template(),
+        self.template = ChatTemplate(settings.chat_template or self.model.chat_template(),
                                      bos_token=self.bos_text,
                                      eos_token=self.model.token_text(lc.llama_vocab_eos(vocab)))
-        self._slots = [Slot(i) for i in range(slots)]
-        self._jobs: dict[str, Slot] = {}
+        self._slots = [Slot(i) for i in range(self.slots)]
+        self._jobs: dict[str, Slot] = {}  # in submission order: prefill is first come, first served
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
 
     # -- engine interface ----------------------------------------------------------------
@@ -105,30 +115,26 @@ class ChatEngine:
     def busy(self) -> bool:
         return bool(self._jobs)
 
-    def free_slots(self) -> int:
-        return sum(1 for s in self._slots if s.job is None)
-
     def submit(self, job_id: str, request: dict) -> None:
         prompt = self._prompt_tokens(request.get("messages") or [])
         if len(prompt) >= self.ctx_size:
             raise JobError("context_length_exceeded",
                            f"the prompt is {len(prompt)} tokens; this model's context holds {self.ctx_size} "
                            "(prompt plus answer): shorten the messages", "messages")
-        free = [s for s in self._slots if s.job is None]
+        free = [s for s in self._slots if s.state is SlotState.IDLE]
         if not free:
             raise JobError("worker_busy", "every slot of this worker is busy")
+        stop = request.get("stop") or []
+        sampler = SamplerChain(SamplingParams.from_request(request), self.model.n_vocab)
         slot = max(free, key=lambda s: self._reusable(s, prompt))
         keep = self._reusable(slot, prompt)
         lc.llama_memory_seq_rm(self.model.memory, slot.seq_id, keep, -1)
         slot.cached = prompt[:keep]
         slot.exact = keep
-        params = SamplingParams.from_request(request)
-        stop = request.get("stop") or []
-        max_tokens = request.get("max_tokens")
-        slot.job = ChatJob(job_id=job_id, prompt=prompt,
-                           sampler=SamplerChain(params, self.model.n_vocab),
+        slot.job = ChatJob(job_id=job_id, prompt=prompt, sampler=sampler,
                            text=TextStream(stop if isinstance(stop, list) else [stop]),
-                           max_tokens=max_tokens, pending=deque(prompt[keep:]), n_past=keep, n_cached=keep)
+                           max_tokens=request.get("max_tokens"), pending=deque(prompt[keep:]), n_cached=keep)
+        slot.state = SlotState.PREFILLING
         self._jobs[job_id] = slot
 
     def cancel(self, job_id: str) -> None:
@@ -136,82 +142,94 @@ class ChatEngine:
         if slot is not None:
             slot.job.cancelled = True
 
+    def abort(self, job_id: str) -> None:
+        """Forget a job at once, reporting nothing (the loop has already answered its client)."""
+        slot = self._jobs.get(job_id)
+        if slot is not None:
+            self._forget_cache(slot)
+            self._release(slot)
+
     def step(self) -> list[Event]:
         events: list[Event] = []
-        for slot in list(self._jobs.values()):
+        for slot in self._active():
             if slot.job.cancelled:
-                events.append(self._finish(slot, "cancelled"))
-        if not self._jobs:
-            return events
-        outputs = self._fill_batch()
-        rc = lc.llama_decode(self.model.ctx, self._batch)
-        if rc != 0:
-            log.error("llama_decode returned %d with %d jobs", rc, len(self._jobs))
-            for slot in list(self._jobs.values()):
-                lc.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
-                slot.cached = []
-                events.append(self._fail(slot, "internal_error", f"llama_decode failed ({rc})"))
-            return events
+                events.append(self._done(slot, "cancelled"))
+        outputs = self._build_batch(events)
+        if self._batch.n_tokens:
+            self._decode(events)
         for index, slot in outputs:
-            events.extend(self._sample(slot, index))
+            if slot.state in (SlotState.PREFILLING, SlotState.GENERATING):
+                with self._failing([slot], events, "sampling"):
+                    events.extend(self._sample(slot, index))
+        for slot in self._slots:
+            if slot.state is SlotState.DONE:
+                self._release(slot)
         return events
 
-    # -- internals -----------------------------------------------------------------------
-    def _reusable(self, slot: Slot, prompt: list[int]) -> int:
-        """Prompt tokens the slot's cache can stand in for: whole prefill chunks of a shared
-        prefix, leaving at least one token to decode (its logits start the answer)."""
-        shared = min(_common_prefix(slot.cached, prompt), slot.exact, len(prompt) - 1)
-        return shared - shared % self.prefill_chunk
+    # -- phase 1: the batch --------------------------------------------------------------
+    def _active(self) -> list[Slot]:
+        return [s for s in self._jobs.values() if s.state in (SlotState.PREFILLING, SlotState.GENERATING)]
 
-    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
-        try:
-            text = self.template.render(messages)
-        except TemplateError as exc:
-            raise JobError("invalid_request_error", str(exc), "messages") from None
-        add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
-        return self.model.tokenize(text, add_special=add_bos, parse_special=True)
-
-    def _fill_batch(self) -> list[tuple[int, Slot]]:
-        """Put every generating job's next token, then pending prompt, into the batch.
-        Returns (batch index, slot) for each row whose logits will be sampled."""
-        batch = self._batch
-        n = 0
-        outputs = []
-
-        def add(token: int, slot: Slot, logits: bool) -> None:
-            nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = slot.job.n_past
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = logits
-            slot.job.n_past += 1
-            slot.cached.append(token)
-            if logits:
-                outputs.append((n, slot))
-            n += 1
-
-        for slot in self._jobs.values():
-            if slot.job.next_token is not None:
-                add(slot.job.next_token, slot, True)
+    def _build_batch(self, events: list[Event]) -> list[tuple[int, Slot]]:
+        """Plan every active slot's rows, then write them into the batch. Returns (batch index,
+        slot) for each row whose logits will be sampled."""
+        plan: list[tuple[Slot, list[int]]] = []
+        for slot in self._active():
+            if slot.state is SlotState.GENERATING:
+                plan.append((slot, [slot.job.next_token]))
                 slot.job.next_token = None
         prefilled = 0
-        for slot in self._jobs.values():
-            job = slot.job
-            piece = min(len(job.pending), self.prefill_chunk - job.n_past % self.prefill_chunk)
-            if not piece:
+        rows = len(plan)
+        for slot in self._active():
+            if slot.state is not SlotState.PREFILLING:
                 continue
-            if n + piece > self.n_batch or (prefilled and prefilled + piece > PREFILL_TOKENS_PER_STEP):
-                break  # whole chunks only, oldest first: the rest wait for the next step
-            prefilled += piece
-            for _ in range(piece):
-                token = job.pending.popleft()
-                add(token, slot, not job.pending)
-            if job.n_past % self.prefill_chunk == 0:
-                slot.exact = job.n_past
+            with self._failing([slot], events, "batching"):
+                job = slot.job
+                piece = min(len(job.pending), self.prefill_chunk - len(slot.cached) % self.prefill_chunk)
+                if rows + piece > self.n_batch or (prefilled and prefilled + piece > PREFILL_TOKENS_PER_STEP):
+                    break  # whole chunks only, oldest first: the rest wait for the next step
+                plan.append((slot, [job.pending.popleft() for _ in range(piece)]))
+                prefilled += piece
+                rows += piece
+        self._batch.n_tokens = 0
+        outputs: list[tuple[int, Slot]] = []
+        with self._failing([slot for slot, _ in plan], events, "batching"):
+            outputs = self._write_batch(plan)
+        return outputs
+
+    def _write_batch(self, plan: list[tuple[Slot, list[int]]]) -> list[tuple[int, Slot]]:
+        batch = self._batch
+        outputs = []
+        n = 0
+        for slot, tokens in plan:
+            for i, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = len(slot.cached)
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                # Logits for a generated token, and for the last prompt token (its logits start the answer).
+                wants_logits = i == len(tokens) - 1 and (slot.state is SlotState.GENERATING
+                                                         or not slot.job.pending)
+                batch.logits[n] = wants_logits
+                if wants_logits:
+                    outputs.append((n, slot))
+                slot.cached.append(token)
+                n += 1
+            if slot.state is SlotState.PREFILLING and len(slot.cached) % self.prefill_chunk == 0:
+                slot.exact = len(slot.cached)
         batch.n_tokens = n
         return outputs
 
+    # -- phase 2: decode -----------------------------------------------------------------
+    def _decode(self, events: list[Event]) -> None:
+        in_batch = {self._batch.seq_id[i][0] for i in range(self._batch.n_tokens)}
+        slots = [s for s in self._slots if s.seq_id in in_batch and s.job is not None]
+        with self._failing(slots, events, "llama_decode"):
+            rc = lc.llama_decode(self.model.ctx, self._batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+
+    # -- phase 3: sample -----------------------------------------------------------------
     def _sample(self, slot: Slot, index: int) -> list[Event]:
         job = slot.job
         token = job.sampler.sample(self.model.ctx, index)
@@ -226,33 +244,66 @@ class ChatEngine:
             return events + self._finish_with_text(slot, "stop")
         if job.max_tokens is not None and job.n_generated >= job.max_tokens:
             return events + self._finish_with_text(slot, "length")
-        if job.n_past >= self.ctx_size:
+        if len(slot.cached) >= self.ctx_size:
             return events + self._finish_with_text(slot, "length")
         job.next_token = token
+        slot.state = SlotState.GENERATING
         return events
 
+    # -- ending jobs ---------------------------------------------------------------------
     def _finish_with_text(self, slot: Slot, reason: str) -> list[Event]:
         events = []
         tail = slot.job.text.finish()
         if tail:
             events.append(Event(slot.job.job_id, ewp.CHUNK, {"text": tail}))
-        events.append(self._finish(slot, reason))
+        events.append(self._done(slot, reason))
         return events
 
-    def _release(self, slot: Slot) -> ChatJob:
+    def _done(self, slot: Slot, reason: str) -> Event:
         job = slot.job
-        job.sampler.free()
-        slot.job = None
-        del self._jobs[job.job_id]
-        return job
-
-    def _finish(self, slot: Slot, reason: str) -> Event:
-        job = self._release(slot)
+        slot.state = SlotState.DONE
         usage = {"prompt_tokens": len(job.prompt), "completion_tokens": job.n_generated,
                  "total_tokens": len(job.prompt) + job.n_generated,
                  "prompt_tokens_details": {"cached_tokens": job.n_cached}}
         return Event(job.job_id, ewp.DONE, {"finish_reason": reason, "usage": usage})
 
-    def _fail(self, slot: Slot, code: str, message: str) -> Event:
-        job = self._release(slot)
-        return Event(job.job_id, ewp.ERROR, ewp.error_body(code, message))
+    @contextmanager
+    def _failing(self, slots: list[Slot], events: list[Event], phase: str):
+        """Run a phase; if it raises, fail the jobs of ``slots`` that are still running."""
+        try:
+            yield
+        except Exception as exc:  # a bug or a llama.cpp failure must not take the worker down
+            running = [s for s in slots if s.state in (SlotState.PREFILLING, SlotState.GENERATING)]
+            log.exception("%s failed for %d job(s)", phase, len(running))
+            for slot in running:
+                self._forget_cache(slot)
+                slot.state = SlotState.DONE
+                events.append(Event(slot.job.job_id, ewp.ERROR, ewp.error_body(
+                    "internal_error", f"the worker failed while {phase} ({type(exc).__name__}: {exc})")))
+
+    def _forget_cache(self, slot: Slot) -> None:
+        """Drop the sequence's KV cache: after a failure it may not match ``cached``."""
+        lc.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+        slot.cached = []
+        slot.exact = 0
+
+    def _release(self, slot: Slot) -> None:
+        slot.job.sampler.free()
+        del self._jobs[slot.job.job_id]
+        slot.job = None
+        slot.state = SlotState.IDLE
+
+    # -- prompts -------------------------------------------------------------------------
+    def _reusable(self, slot: Slot, prompt: list[int]) -> int:
+        """Prompt tokens the slot's cache can stand in for: whole prefill chunks of a shared
+        prefix, leaving at least one token to decode (its logits start the answer)."""
+        shared = min(_common_prefix(slot.cached, prompt), slot.exact, len(prompt) - 1)
+        return shared - shared % self.prefill_chunk
+
+    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
+        try:
+            text = self.template.render(messages)
+        except TemplateError as exc:
+            raise JobError("invalid_request_error", str(exc), "messages") from None
+        add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
+        return self.model.tokenize(text, add_special=add_bos, parse_special=True)

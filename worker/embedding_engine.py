@@ -7,7 +7,9 @@ DONE when all of its inputs are. An input longer than the model's context is ref
 truncated: encoder models (BERT) abort the whole process on a decode over ``n_ubatch``.
 
 The engine also splits documents into chunks for the store (a "chunk" job), because the
-chunk size cap is counted in this model's tokens.
+chunk size cap is counted in this model's tokens. With ``"embed": true`` the same job embeds
+its chunks too, each CHUNK then carrying ``index``, ``text`` and ``embedding``: ingesting a
+document is one job.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from store.chunking import split_text
 from worker import protocol as ewp
 from worker.loop import Event, JobError
 from worker.model import LoadedModel
+from worker.settings import ModelSettings
 
 MAX_SEQUENCES = 64  # sequences in one decode
 
@@ -31,6 +34,16 @@ class EmbeddingJob:
     job_id: str
     remaining: int
     prompt_tokens: int
+    texts: list[str] | None = None  # a chunk job's chunks: each CHUNK carries its text beside its vector
+    cancelled: bool = False
+
+
+@dataclass
+class ChunkJob:
+    job_id: str
+    text: str
+    capacity: int
+    embed: bool
     cancelled: bool = False
 
 
@@ -44,19 +57,21 @@ class PendingInput:
 class EmbeddingEngine:
     kind = "embedding"
 
-    def __init__(self, model_path: str, *, ctx_size: int, slots: int, threads: int, n_gpu_layers: int = 0):
+    def __init__(self, settings: ModelSettings):
+        ctx_size = settings.ctx_size
         # One decode holds a whole context: an input may be that long, and an encoder cannot split it.
-        self.model = LoadedModel(model_path, n_ctx=ctx_size, n_batch=ctx_size, n_seq_max=MAX_SEQUENCES,
-                                 threads=threads, n_gpu_layers=n_gpu_layers, embeddings=True, kv_unified=True)
+        self.model = LoadedModel(settings.path, n_ctx=ctx_size, n_batch=ctx_size, n_seq_max=MAX_SEQUENCES,
+                                 threads=settings.threads, n_gpu_layers=settings.n_gpu_layers, embeddings=True,
+                                 kv_unified=True)
         # One input may be as long as the model was trained for, and no longer than one decode.
         self.max_input = min(self.model.n_ctx_train or ctx_size, self.model.n_batch, ctx_size)
         if lc.llama_pooling_type(self.model.ctx) == lc.LLAMA_POOLING_TYPE_NONE:
-            raise ValueError(f"{model_path} has no pooling type: it gives token vectors, not one per input")
-        self.slots = slots
+            raise ValueError(f"{settings.path} has no pooling type: it gives token vectors, not one per input")
+        self.slots = settings.parallel
         self.n_embd = self.model.n_embd
         self._queue: deque[PendingInput] = deque()
         self._jobs: dict[str, EmbeddingJob] = {}
-        self._chunk_jobs: deque[tuple[str, dict]] = deque()
+        self._chunk_jobs: deque[ChunkJob] = deque()
         self._batch = lc.llama_batch_init(self.model.n_batch, 0, 1)
 
     def describe(self) -> dict:
@@ -65,13 +80,9 @@ class EmbeddingEngine:
     def busy(self) -> bool:
         return bool(self._jobs) or bool(self._chunk_jobs)
 
-    def free_slots(self) -> int:
-        return max(0, self.slots - len(self._jobs) - len(self._chunk_jobs))
-
     def submit(self, job_id: str, request: dict) -> None:
         if request.get("kind") == "chunk":
-            self._check_chunk_request(request)
-            self._chunk_jobs.append((job_id, request))
+            self._chunk_jobs.append(self._chunk_job(job_id, request))
             return
         inputs = request.get("input")
         if not isinstance(inputs, list) or not inputs:
@@ -84,22 +95,24 @@ class EmbeddingEngine:
                                f"input[{i}] is {len(tokens)} tokens; this embedding model takes at most "
                                f"{self.max_input} tokens per input: split the text", "input")
             pending.append(tokens)
-        job = EmbeddingJob(job_id, len(pending), sum(map(len, pending)))
-        self._jobs[job_id] = job
-        self._queue.extend(PendingInput(job, i, t) for i, t in enumerate(pending))
+        self._enqueue(EmbeddingJob(job_id, len(pending), sum(map(len, pending))), pending)
 
     def cancel(self, job_id: str) -> None:
         if job_id in self._jobs:
             self._jobs[job_id].cancelled = True
-        for i, (queued_id, _) in enumerate(self._chunk_jobs):
-            if queued_id == job_id:
-                del self._chunk_jobs[i]
-                self._chunk_jobs.appendleft((job_id, {"cancelled": True}))
-                break
+        for job in self._chunk_jobs:
+            if job.job_id == job_id:
+                job.cancelled = True
+
+    def abort(self, job_id: str) -> None:
+        """Forget a job at once, reporting nothing (the loop has already answered its client)."""
+        self._jobs.pop(job_id, None)
+        self._queue = deque(p for p in self._queue if p.job.job_id != job_id)
+        self._chunk_jobs = deque(j for j in self._chunk_jobs if j.job_id != job_id)
 
     def step(self) -> list[Event]:
         if self._chunk_jobs:
-            return self._run_chunk_job(*self._chunk_jobs.popleft())
+            return self._run_chunk_job(self._chunk_jobs.popleft())
         events = self._drop_cancelled()
         taken: list[PendingInput] = []
         n_tokens = 0
@@ -110,23 +123,23 @@ class EmbeddingEngine:
             n_tokens += len(item.tokens)
         if not taken:
             return events
-        self._fill_batch(taken)
-        lc.llama_memory_clear(self.model.memory, True)
-        rc = lc.llama_decode(self.model.ctx, self._batch)
-        if rc != 0:
-            for job in {id(t.job): t.job for t in taken}.values():
-                events.append(self._fail(job, f"llama_decode failed ({rc})"))
-            return events
-        for seq, item in enumerate(taken):
-            vector = lc.llama_get_embeddings_seq(self.model.ctx, seq)[:self.n_embd]
-            norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-            events.append(Event(item.job.job_id, ewp.CHUNK,
-                                {"index": item.index, "embedding": [x / norm for x in vector]}))
+        jobs = list({id(t.job): t.job for t in taken}.values())
+        try:
+            self._fill_batch(taken)
+            lc.llama_memory_clear(self.model.memory, True)
+            rc = lc.llama_decode(self.model.ctx, self._batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            vectors = [lc.llama_get_embeddings_seq(self.model.ctx, seq)[:self.n_embd] for seq in range(len(taken))]
+        except Exception as exc:  # fail the jobs of this batch, not the worker
+            return events + [self._fail(job, f"embedding failed ({type(exc).__name__}: {exc})") for job in jobs]
+        for item, vector in zip(taken, vectors):
+            events.append(Event(item.job.job_id, ewp.CHUNK, self._chunk_body(item, vector)))
             item.job.remaining -= 1
             if item.job.remaining == 0 and item.job.job_id in self._jobs:
                 del self._jobs[item.job.job_id]
-                events.append(Event(item.job.job_id, ewp.DONE, {"finish_reason": None, "usage": {
-                    "prompt_tokens": item.job.prompt_tokens, "total_tokens": item.job.prompt_tokens}}))
+                events.append(self._done(item.job.job_id, "stop" if item.job.texts is not None else None,
+                                         item.job.prompt_tokens))
         return events
 
     # -- internals -----------------------------------------------------------------------
@@ -151,17 +164,30 @@ class EmbeddingEngine:
                 n += 1
         batch.n_tokens = n
 
+    def _chunk_body(self, item: PendingInput, vector) -> dict:
+        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+        body = {"index": item.index, "embedding": [x / norm for x in vector]}
+        if item.job.texts is not None:
+            body["text"] = item.job.texts[item.index]
+        return body
+
+    def _enqueue(self, job: EmbeddingJob, inputs: list[list[int]]) -> None:
+        self._jobs[job.job_id] = job
+        self._queue.extend(PendingInput(job, i, t) for i, t in enumerate(inputs))
+
+    @staticmethod
+    def _done(job_id: str, reason: str | None, prompt_tokens: int) -> Event:
+        return Event(job_id, ewp.DONE, {"finish_reason": reason, "usage": {
+            "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+
     def _drop_cancelled(self) -> list[Event]:
         cancelled = [j for j in self._jobs.values() if j.cancelled]
         if not cancelled:
             return []
         self._queue = deque(p for p in self._queue if not p.job.cancelled)
-        events = []
         for job in cancelled:
             del self._jobs[job.job_id]
-            events.append(Event(job.job_id, ewp.DONE, {"finish_reason": "cancelled", "usage": {
-                "prompt_tokens": 0, "total_tokens": 0}}))
-        return events
+        return [self._done(job.job_id, "cancelled", 0) for job in cancelled]
 
     def _fail(self, job: EmbeddingJob, message: str) -> Event:
         self._jobs.pop(job.job_id, None)
@@ -169,23 +195,28 @@ class EmbeddingEngine:
         return Event(job.job_id, ewp.ERROR, ewp.error_body("internal_error", message))
 
     @staticmethod
-    def _check_chunk_request(request: dict) -> None:
+    def _chunk_job(job_id: str, request: dict) -> ChunkJob:
         if not isinstance(request.get("text"), str):
             raise JobError("invalid_request_error", "a chunk job needs 'text'", "text")
         capacity = request.get("capacity")
-        if not isinstance(capacity, int) or capacity < 1:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise JobError("invalid_request_error", "'chunk_capacity' must be a positive integer",
                            "chunk_capacity")
+        return ChunkJob(job_id, request["text"], capacity, bool(request.get("embed")))
 
-    def _run_chunk_job(self, job_id: str, request: dict) -> list[Event]:
-        usage = {"prompt_tokens": 0, "total_tokens": 0}
-        if request.get("cancelled"):
-            return [Event(job_id, ewp.DONE, {"finish_reason": "cancelled", "usage": usage})]
+    def _run_chunk_job(self, job: ChunkJob) -> list[Event]:
+        """Split the text; then either report the chunks, or queue them to be embedded (their
+        CHUNK events carry text and vector)."""
+        if job.cancelled:
+            return [self._done(job.job_id, "cancelled", 0)]
         count = lambda text: len(self.model.tokenize(text, add_special=True, parse_special=False))  # noqa: E731
-        capacity = min(request["capacity"], self.max_input)
         try:
-            chunks = split_text(request["text"], capacity, count)
+            chunks = split_text(job.text, min(job.capacity, self.max_input), count)
         except ValueError as exc:
-            return [Event(job_id, ewp.ERROR, ewp.error_body("invalid_request_error", str(exc), "chunk_capacity"))]
-        events = [Event(job_id, ewp.CHUNK, {"text": chunk}) for chunk in chunks]
-        return events + [Event(job_id, ewp.DONE, {"finish_reason": "stop", "usage": usage})]
+            return [Event(job.job_id, ewp.ERROR, ewp.error_body("invalid_request_error", str(exc), "chunk_capacity"))]
+        if job.embed and chunks:
+            inputs = [self.model.tokenize(c, add_special=True, parse_special=False) for c in chunks]
+            self._enqueue(EmbeddingJob(job.job_id, len(chunks), sum(map(len, inputs)), texts=chunks), inputs)
+            return []
+        events = [Event(job.job_id, ewp.CHUNK, {"index": i, "text": chunk}) for i, chunk in enumerate(chunks)]
+        return events + [self._done(job.job_id, "stop", 0)]

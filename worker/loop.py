@@ -7,13 +7,15 @@ the engine produces. An engine is any object with:
     slots: int                      how many jobs it can hold at once
     describe() -> dict              extra registration fields (e.g. {"n_ctx": 2048})
     submit(job_id, request)         take a job; may raise JobError for a bad request
-    cancel(job_id)                  drop a job (it must still report DONE "cancelled")
+    cancel(job_id)                  stop a job (it must still report DONE "cancelled")
+    abort(job_id)                   forget a job at once and report nothing about it
     busy() -> bool                  whether step() has work to do
-    free_slots() -> int
     step() -> list[Event]           advance every job a little (one decode step)
 
 The engine runs on one thread and is never touched by another; jobs and cancels reach it
-between steps.
+between steps. An engine fails a job it cannot go on with by reporting an ERROR event for it;
+if step() raises all the same, the loop answers every job of this worker with an
+"internal_error" ERROR, aborts them in the engine and carries on.
 """
 
 from __future__ import annotations
@@ -83,7 +85,6 @@ class WorkerLoop:
         self.running = threading.Event()
         self.running.set()
         self.jobs: set[str] = set()
-        self.free_slots = engine.free_slots()  # read by the connection thread for heartbeats
         self._pipe_addr = f"inproc://edgellm-worker-{self.worker_id}"
 
     def stop(self) -> None:
@@ -103,15 +104,28 @@ class WorkerLoop:
                     while pipe.poll(0, zmq.POLLIN):
                         self._handle(pipe, ewp.decode(pipe.recv_multipart()))
                 if self.engine.busy():
-                    for event in self.engine.step():
-                        if event.command in (ewp.DONE, ewp.ERROR):
-                            self.jobs.discard(event.job_id)
-                        pipe.send_multipart(ewp.encode(event.command, event.job_id, event.body))
-                self.free_slots = self.engine.free_slots()
+                    self._step(pipe)
         finally:
             self.running.clear()
             connection.join(timeout=5)
             pipe.close(0)
+
+    def _step(self, pipe: zmq.Socket) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as exc:
+            log.exception("worker %s: the engine's step failed; failing its %d job(s)", self.worker_id,
+                          len(self.jobs))
+            events = [Event(job_id, ewp.ERROR, ewp.error_body(
+                "internal_error", f"the worker failed ({type(exc).__name__}); please retry")) for job_id in self.jobs]
+            for job_id in self.jobs:
+                self.engine.abort(job_id)
+        for event in events:
+            if event.job_id not in self.jobs:
+                continue  # already answered
+            if event.command in (ewp.DONE, ewp.ERROR):
+                self.jobs.discard(event.job_id)
+            pipe.send_multipart(ewp.encode(event.command, event.job_id, event.body))
 
     def _handle(self, pipe: zmq.Socket, msg: ewp.Message) -> None:
         if msg.command == ewp.JOB:
@@ -120,10 +134,8 @@ class WorkerLoop:
             if msg.job_id in self.jobs:
                 self.engine.cancel(msg.job_id)
         elif msg.command == ewp.DISCONNECT:  # the broker went away and forgot our jobs
-            for job_id in list(self.jobs):
-                self.engine.cancel(job_id)
-            while self.engine.busy():
-                self.engine.step()
+            for job_id in self.jobs:
+                self.engine.abort(job_id)
             self.jobs.clear()
 
     def _start_job(self, pipe: zmq.Socket, job_id: str, request: dict) -> None:
@@ -199,8 +211,7 @@ class WorkerLoop:
                     broker.send_multipart(pipe.recv_multipart())
             now = time.monotonic()
             if now >= next_heartbeat:
-                broker.send_multipart(ewp.encode(ewp.HEARTBEAT, body={"free_slots": self.free_slots,
-                                                                      "active": len(self.jobs)}))
+                broker.send_multipart(ewp.encode(ewp.HEARTBEAT))
                 next_heartbeat = now + ewp.HEARTBEAT_INTERVAL
             if now > broker_expiry:
                 if broker_expiry:

@@ -40,7 +40,7 @@ class ModelLoadError(RuntimeError):
 
 
 class LoadedModel:
-    """A model and one context over it, freed together."""
+    """A model and one context over it, living as long as the worker process."""
 
     def __init__(self, path: str, *, n_ctx: int, n_batch: int, n_seq_max: int, threads: int,
                  n_gpu_layers: int = 0, embeddings: bool = False, kv_unified: bool = False):
@@ -78,25 +78,7 @@ class LoadedModel:
         self.memory = lc.llama_get_memory(self.ctx)
         self._piece_buf = ctypes.create_string_buffer(256)
 
-    def close(self) -> None:
-        if getattr(self, "ctx", None):
-            lc.llama_free(self.ctx)
-            self.ctx = None
-        if getattr(self, "model", None):
-            lc.llama_model_free(self.model)
-            self.model = None
-
     # -- metadata ----------------------------------------------------------------------
-    def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(65536)
-        n = lc.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
-        if n < 0:
-            return None
-        if n >= len(buf):
-            buf = ctypes.create_string_buffer(n + 1)
-            lc.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
-        return buf.value.decode("utf-8", "replace")
-
     def chat_template(self) -> str | None:
         raw = lc.llama_model_chat_template(self.model, None)
         return raw.decode("utf-8") if raw else None

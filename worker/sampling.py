@@ -55,9 +55,6 @@ class SamplerChain:
         """Sample from the index-th output row of the last decode and accept the token."""
         return lc.llama_sampler_sample(self.chain, ctx, index)
 
-    def accept(self, token: int) -> None:
-        lc.llama_sampler_accept(self.chain, token)
-
     def free(self) -> None:
         if self.chain:
             lc.llama_sampler_free(self.chain)

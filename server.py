@@ -149,8 +149,8 @@ class EdgeLLM:
             return default
         if name not in models:
             listed = ", ".join(sorted(models)) or "none"
-            raise APIError(500, f"model '{name}' is not served here; available models: {listed}",
-                           "model_not_found", "model")
+            raise APIError("model_not_found", f"model '{name}' is not served here; available models: {listed}",
+                           "model")
         if models[name] != kind:
             raise bad_request(f"model '{name}' is {_a(models[name])} model; this endpoint needs {_a(kind)} model",
                               "model", code="wrong_model_kind")

@@ -6,6 +6,9 @@ sends JOB, and reads back its job's CHUNK / DONE / ERROR messages. The broker ke
 model, the registered workers and a bounded queue of jobs waiting for a free slot; it
 hands each job to the worker with the most free slots, forwards chunks as they arrive,
 exchanges heartbeats with the workers, and turns a silent worker's jobs into errors.
+
+An ERROR the broker sends a request carries only code, message and param: HTTP headers are
+the HTTP layer's business (frontend/errors.py), never a worker's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from frontend.errors import RETRY_AFTER_SECONDS
 from worker import protocol as ewp
 
 log = logging.getLogger("edgellm.broker")
@@ -72,7 +76,6 @@ class Job:
 class BrokerLimits:
     queue_size: int = 64  # jobs waiting per model before new ones get 503 at once
     queue_timeout: float = 30.0  # seconds a job may wait for a free slot
-    retry_after: int = 1  # seconds, sent with 503 queue_full
 
 
 class Broker:
@@ -185,11 +188,9 @@ class Broker:
     def _to_client(self, client: bytes, command: bytes, job_id: str, body: dict | None):
         self.clients_sock.send_multipart([client, *ewp.encode(command, job_id, body)])
 
-    def _fail(self, job: Job, code: str, message: str, headers: dict | None = None) -> None:
-        body = ewp.error_body(code, message)
-        if headers:
-            body["headers"] = headers
-        self._to_client(job.client, ewp.ERROR, job.job_id, body)
+    def _fail(self, job: Job, code: str, message: str, param: str | None = None) -> None:
+        """End a job with an ERROR to its request: code, message and param, nothing else."""
+        self._to_client(job.client, ewp.ERROR, job.job_id, ewp.error_body(code, message, param))
         self.jobs.pop(job.job_id, None)
 
     # -- workers ---------------------------------------------------------------------------
@@ -238,9 +239,13 @@ class Broker:
             return
         if msg.command in (ewp.DONE, ewp.ERROR):
             worker.jobs.discard(job.job_id)
-            if msg.command == ewp.ERROR and msg.body.get("code") == "worker_busy":
+        if msg.command == ewp.ERROR:
+            if msg.body["code"] == ewp.WORKER_BUSY:
                 self._requeue(job)  # its view of free slots was stale: wait for another
-                return
+            else:
+                self._fail(job, msg.body["code"], msg.body["message"], msg.body.get("param"))
+            return
+        if msg.command == ewp.DONE:
             del self.jobs[job.job_id]
         job.answered = True
         self._to_client(job.client, msg.command, job.job_id, msg.body)
@@ -306,7 +311,7 @@ class Broker:
         queue = self.queues.setdefault(model, deque())
         if len(queue) >= self.limits.queue_size:
             self._fail(job, "queue_full", f"model '{model}' has {len(queue)} requests waiting already; "
-                       f"retry in {self.limits.retry_after}s", {"Retry-After": str(self.limits.retry_after)})
+                       f"retry in {RETRY_AFTER_SECONDS}s")
             return
         self.jobs[job.job_id] = job
         queue.append(job.job_id)
@@ -333,7 +338,7 @@ class Broker:
                           else "no worker for this model is running (still starting, or crashed)")
                 self._fail(job, "queue_timeout",
                            f"model '{model}' could not take the request within {self.limits.queue_timeout:g}s: "
-                           f"{reason}; retry later", {"Retry-After": str(self.limits.retry_after)})
+                           f"{reason}; retry later")
 
     def _dispatch(self) -> None:
         for model, queue in self.queues.items():

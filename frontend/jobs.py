@@ -55,13 +55,12 @@ class JobRunner:
             if gone is not None and now - client.checked_at >= DISCONNECT_CHECK:
                 client.checked_at = now
                 if gone():
-                    raise APIError(499, "the client closed the connection; the job was cancelled",
-                                   "client_closed")
+                    raise APIError("client_closed", "the client closed the connection; the job was cancelled")
         if msg is None:
-            raise APIError(503, f"the worker did not answer within {timeout:g}s; the request was cancelled",
-                           "worker_timeout")
+            raise APIError("worker_timeout",
+                           f"the worker did not answer within {timeout:g}s; the request was cancelled")
         if msg.command == ewp.ERROR:
-            raise APIError.from_worker(msg.body, msg.body.get("headers"))
+            raise APIError.from_error_body(msg.body)
         return msg
 
     def collect(self, model: str, job: dict, gone: Callable[[], bool] | None = None

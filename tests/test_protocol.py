@@ -37,8 +37,12 @@ def test_malformed_frames_raise_protocol_error(frames):
     (ewp.CHUNK, {"text": 5}, False),
     (ewp.DONE, {"finish_reason": "stop", "usage": {"prompt_tokens": 1, "total_tokens": 2}}, True),
     (ewp.DONE, {"finish_reason": "stop", "usage": {"prompt_tokens": "1"}}, False),
-    (ewp.ERROR, {"code": "x", "message": "y"}, True),
+    (ewp.ERROR, {"code": "context_length_exceeded", "message": "y", "param": "messages"}, True),
+    (ewp.ERROR, {"code": "internal_error", "message": "y"}, True),
     (ewp.ERROR, {"message": "y"}, False),
+    (ewp.ERROR, {"code": "x", "message": "y"}, False),  # not a code a worker may send
+    (ewp.ERROR, {"code": "queue_full", "message": "y"}, False),  # the broker's, not a worker's
+    (ewp.ERROR, {"code": "internal_error", "message": "y", "param": 3}, False),
 ])
 def test_job_body_checks(command, body, ok):
     assert (ewp.check_job_body(ewp.Message(command, JOB_ID, body)) is None) == ok

@@ -26,7 +26,8 @@ Worker -> broker
     CHUNK      [EWP1, CHUNK, job, body]       a piece of output, sent as soon as it is generated:
                                               chat {"text", "tokens"}; embedding {"index", "embedding"}
     DONE       [EWP1, DONE, job, body]        the job ended: {"finish_reason", "usage": {...}}
-    ERROR      [EWP1, ERROR, job, body]       the job failed: {"code", "message", "param"}
+    ERROR      [EWP1, ERROR, job, body]       the job failed: {"code", "message", "param"}, code one of
+                                              ERROR_CODES; nothing else in the body reaches the client
     DISCONNECT [EWP1, DISCONNECT]             the worker is shutting down
 
 Broker -> worker
@@ -90,6 +91,11 @@ HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats, both ways
 HEARTBEAT_LIVENESS = 3  # intervals of silence after which a peer is dead
 RECONNECT_INITIAL = 0.25  # seconds; a worker's first reconnect delay
 RECONNECT_MAX = 8.0  # seconds; reconnect delays double up to this
+
+# The codes a worker may put in an ERROR body; an ERROR with any other code is a malformed reply.
+# (The front end's error table, frontend/errors.py, gives each one its HTTP status.)
+WORKER_BUSY = "worker_busy"  # no free slot after all: the broker gives the job to another worker
+ERROR_CODES = frozenset({"invalid_request_error", "context_length_exceeded", "internal_error", WORKER_BUSY})
 
 _JOB_ID = re.compile(rb"\A[0-9a-f]{32}\Z")
 
@@ -173,8 +179,11 @@ def check_job_body(msg: Message) -> str | None:
             return "DONE needs 'finish_reason' and 'usage' with integer token counts"
         return None
     if msg.command == ERROR:
-        if not isinstance(body.get("code"), str) or not isinstance(body.get("message"), str):
-            return "ERROR needs a string 'code' and 'message'"
+        if not isinstance(body.get("code"), str) or not isinstance(body.get("message"), str) \
+                or not isinstance(body.get("param"), (str, type(None))):
+            return "ERROR needs a string 'code' and 'message', and 'param' a string or null"
+        if body["code"] not in ERROR_CODES:
+            return f"ERROR code {body['code']!r} is not one a worker may send"
         return None
     return f"{msg.name} is not a job message"
 

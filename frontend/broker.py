@@ -199,12 +199,14 @@ class Broker:
             log.warning("dropped a message without identity from a worker")
             return
         identity, frames = (index, frames[0]), frames[1:]
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.expiry = time.monotonic() + ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS
         try:
             msg = ewp.decode(frames)
         except ewp.ProtocolError as exc:
             log.warning("dropped a bad message from worker %s: %s", identity[1].hex(), exc)
             return
-        worker = self.workers.get(identity)
         if msg.command == ewp.READY:
             self._register(identity, msg.body)
             return
@@ -212,7 +214,6 @@ class Broker:
             log.info("message %s from an unregistered worker: asking it to register", msg.name)
             self._to_worker(identity, ewp.DISCONNECT)
             return
-        worker.expiry = time.monotonic() + ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS
         if msg.command == ewp.HEARTBEAT:
             return
         if msg.command == ewp.DISCONNECT:

@@ -22,7 +22,7 @@ Frames (after the ROUTER's identity frame)
 Worker -> broker
     READY      [EWP1, READY, body]           registration: {"model", "kind", "slots", "n_ctx",
                                               "pid", "worker_id"} (kind is "chat" or "embedding")
-    HEARTBEAT  [EWP1, HEARTBEAT, body]        {"free_slots", "active"}: the worker is alive and how busy
+    HEARTBEAT  [EWP1, HEARTBEAT]              the worker is alive
     CHUNK      [EWP1, CHUNK, job, body]       a piece of output, sent as soon as it is generated:
                                               chat {"text", "tokens"}; embedding {"index", "embedding"}
     DONE       [EWP1, DONE, job, body]        the job ended: {"finish_reason", "usage": {...}}
@@ -37,9 +37,12 @@ Broker -> worker
     HEARTBEAT  [EWP1, HEARTBEAT]              the broker is alive
     DISCONNECT [EWP1, DISCONNECT]             forget me and register again (sent to unknown workers)
 
-Heartbeats go both ways every HEARTBEAT_INTERVAL seconds. A peer that has sent nothing
-for HEARTBEAT_LIVENESS intervals is dead: the broker fails that worker's jobs with
-"worker_lost"; the worker reconnects with exponential backoff and registers again.
+Heartbeats go both ways every HEARTBEAT_INTERVAL seconds and carry nothing but the command:
+the broker counts a worker's free slots from the jobs it sent it. Any message proves its
+sender alive. A peer that has sent nothing for HEARTBEAT_LIVENESS intervals is dead: the
+broker fails that worker's jobs with "worker_lost" (a job whose client has seen nothing of it
+yet goes to another worker instead); the worker reconnects with exponential backoff and
+registers again.
 
 The front end's request threads talk to the broker thread over inproc with the same
 framing: a request sends JOB or CANCEL (JOB's body adds "model"), and receives the
@@ -78,7 +81,7 @@ COMMAND_NAMES = {
 # Which frames each command carries after frame 1: (has job id, has body).
 _LAYOUT = {
     READY: (False, True),
-    HEARTBEAT: (False, None),  # worker -> broker carries a body, broker -> worker does not
+    HEARTBEAT: (False, False),
     JOB: (True, True),
     CHUNK: (True, True),
     DONE: (True, True),
@@ -144,8 +147,6 @@ def decode(frames: list[bytes]) -> Message:
         job_id = rest[0].decode("ascii")
         rest = rest[1:]
     body = None
-    if has_body is None:
-        has_body = bool(rest)
     if has_body:
         if len(rest) != 1:
             raise ProtocolError(f"{COMMAND_NAMES[command]} needs exactly one body frame")

@@ -26,12 +26,12 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from frontend import validation as v
-from frontend.broker import Broker, BrokerLimits, JobClient, RemoteListener
+from frontend.broker import Broker, BrokerLimits, RemoteListener
 from frontend.chat_api import ChatResponder, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import embeddings_response, parse_embeddings
 from frontend.errors import APIError, bad_request, error_response
-from frontend.jobs import JobRunner, client_gone
+from frontend.jobs import JobClient, JobRunner, client_gone
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context
 from frontend.supervisor import Supervisor
 from store import FileRecord, Store, StoreError
@@ -68,7 +68,7 @@ class EdgeLLM:
                              remote=remote_listener(config))
         self.supervisor = Supervisor(config.models, self.broker.worker_addr,
                                      verbose=config.log_level == "debug", on_exit=self.broker.worker_exited)
-        self.jobs = JobRunner(config.queue_timeout, config.request_timeout)
+        self.jobs = JobRunner(self.broker.clients_addr, config.queue_timeout, config.request_timeout)
         self.knowledge = Knowledge(self.store, self.jobs, chunk_capacity=config.chunk_capacity)
         self.url_map = Map([
             Rule("/v1/chat/completions", endpoint="chat_completions", methods=["POST"]),
@@ -149,8 +149,8 @@ class EdgeLLM:
             return default
         if name not in models:
             listed = ", ".join(sorted(models)) or "none"
-            raise APIError(500, f"model '{name}' is not served here; available models: {listed}",
-                           "model_not_found", "model")
+            raise APIError("model_not_found", f"model '{name}' is not served here; available models: {listed}",
+                           "model")
         if models[name] != kind:
             raise bad_request(f"model '{name}' is {_a(models[name])} model; this endpoint needs {_a(kind)} model",
                               "model", code="wrong_model_kind")

@@ -1,11 +1,15 @@
 """The broker: one thread that owns the workers' ROUTER socket and routes jobs.
 
-Request threads never touch the workers' socket (ZeroMQ sockets are not thread-safe):
-each request opens its own DEALER socket to the broker over inproc (see ``JobClient``),
-sends JOB, and reads back its job's CHUNK / DONE / ERROR messages. The broker keeps, per
-model, the registered workers and a bounded queue of jobs waiting for a free slot; it
-hands each job to the worker with the most free slots, forwards chunks as they arrive,
-exchanges heartbeats with the workers, and turns a silent worker's jobs into errors.
+Request threads never touch the workers' socket (ZeroMQ sockets are not thread-safe): each
+request opens its own DEALER socket to the broker's clients address (inproc; see
+frontend/jobs.py's ``JobClient``), sends JOB, and reads back its job's CHUNK / DONE / ERROR
+messages. Per model the broker keeps a ``ModelPool`` (frontend/model_pool.py): the registered
+workers and a bounded queue of jobs waiting for a free slot. It hands each job to the worker
+with the most free slots, forwards chunks as they arrive, exchanges heartbeats with the
+workers, and turns a silent worker's jobs into errors.
+
+An ERROR the broker sends a request carries only code, message and param: HTTP headers are
+the HTTP layer's business (frontend/errors.py), never a worker's.
 """
 
 from __future__ import annotations
@@ -15,17 +19,17 @@ import os
 import threading
 import time
 import uuid
-from collections import deque
+from dataclasses import dataclass
 from queue import SimpleQueue
-from dataclasses import dataclass, field
 
 import zmq
 
+from frontend.errors import RETRY_AFTER_SECONDS
+from frontend.model_pool import Job, ModelPool, WorkerKey, WorkerRecord
 from worker import protocol as ewp
 
 log = logging.getLogger("edgellm.broker")
 
-CLIENTS_ADDR = "inproc://edgellm-broker"
 MAX_ATTEMPTS = 2  # workers a job may be sent to when the first dies before answering
 
 
@@ -39,47 +43,21 @@ class RemoteListener:
     authorized_keys_dir: str | None = None  # public keys of the workers allowed to connect
 
 
-WorkerKey = tuple  # (index of the worker socket, ROUTER identity)
-
-
-@dataclass
-class WorkerRecord:
-    identity: WorkerKey
-    model: str
-    kind: str
-    slots: int
-    info: dict
-    expiry: float
-    jobs: set = field(default_factory=set)
-
-    def free(self) -> int:
-        return self.slots - len(self.jobs)
-
-
-@dataclass
-class Job:
-    job_id: str
-    client: bytes
-    model: str
-    body: dict
-    enqueued: float
-    worker: WorkerKey | None = None
-    answered: bool = False  # a chunk went to the client: the job can no longer move to another worker
-    attempts: int = 0  # workers it was sent to
-
-
 @dataclass(frozen=True)
 class BrokerLimits:
     queue_size: int = 64  # jobs waiting per model before new ones get 503 at once
     queue_timeout: float = 30.0  # seconds a job may wait for a free slot
-    retry_after: int = 1  # seconds, sent with 503 queue_full
 
 
 class Broker:
-    def __init__(self, worker_addr: str, *, limits: BrokerLimits = BrokerLimits(),
-                 context: zmq.Context | None = None, remote: RemoteListener | None = None):
+    def __init__(self, worker_addr: str, *, clients_addr: str | None = None, limits: BrokerLimits = BrokerLimits(),
+                 context: zmq.Context | None = None, remote: RemoteListener | None = None,
+                 heartbeat_interval: float = ewp.HEARTBEAT_INTERVAL,
+                 heartbeat_liveness: int = ewp.HEARTBEAT_LIVENESS):
         self.context = context or zmq.Context.instance()
         self.limits = limits
+        self.heartbeat_interval = heartbeat_interval
+        self.silence_limit = heartbeat_interval * heartbeat_liveness  # seconds after which a worker is dead
         self.worker_socks = [self._bind_workers(worker_addr)]
         self.worker_addr = self.worker_socks[0].getsockopt_string(zmq.LAST_ENDPOINT)
         self.remote_addr = None
@@ -87,12 +65,13 @@ class Broker:
         if remote is not None:
             self.worker_socks.append(self._bind_workers(remote.addr, remote))
             self.remote_addr = self.worker_socks[1].getsockopt_string(zmq.LAST_ENDPOINT)
+        self.clients_addr = clients_addr or f"inproc://edgellm-broker-{uuid.uuid4().hex}"
         self.clients_sock = self.context.socket(zmq.ROUTER)
         self.clients_sock.setsockopt(zmq.LINGER, 0)
-        self.clients_sock.bind(CLIENTS_ADDR)
-        self.workers: dict[bytes, WorkerRecord] = {}
+        self.clients_sock.bind(self.clients_addr)
+        self.pools: dict[str, ModelPool] = {}
+        self.workers: dict[WorkerKey, WorkerRecord] = {}
         self.jobs: dict[str, Job] = {}
-        self.queues: dict[str, deque[str]] = {}
         self._snapshot: dict = {}
         self._exited_pids: SimpleQueue[int] = SimpleQueue()
         self._lock = threading.Lock()
@@ -144,7 +123,7 @@ class Broker:
         next_heartbeat = time.monotonic()
         while not self._stop.is_set():
             try:
-                ready = dict(poller.poll(int(ewp.HEARTBEAT_INTERVAL * 1000 / 4)))
+                ready = dict(poller.poll(int(self.heartbeat_interval * 1000 / 4)))
             except zmq.ContextTerminated:
                 break
             for index, sock in enumerate(self.worker_socks):
@@ -162,9 +141,8 @@ class Broker:
             if now >= next_heartbeat:
                 for identity in self.workers:
                     self._to_worker(identity, ewp.HEARTBEAT)
-                next_heartbeat = now + ewp.HEARTBEAT_INTERVAL
-            self._expire_workers(now)
-            self._expire_queued(now)
+                next_heartbeat = now + self.heartbeat_interval
+            self._expire(now)
             self._dispatch()
             self._publish()
         for sock in self.worker_socks:
@@ -178,6 +156,12 @@ class Broker:
         if self._authenticator is not None:
             self._authenticator.stop()
 
+    def _pool(self, model: str) -> ModelPool:
+        pool = self.pools.get(model)
+        if pool is None:
+            pool = self.pools[model] = ModelPool(model, self.limits.queue_size, self.limits.queue_timeout)
+        return pool
+
     def _to_worker(self, key: WorkerKey, command: bytes, job_id: str | None = None, body: dict | None = None):
         index, identity = key
         self.worker_socks[index].send_multipart([identity, *ewp.encode(command, job_id, body)])
@@ -185,25 +169,28 @@ class Broker:
     def _to_client(self, client: bytes, command: bytes, job_id: str, body: dict | None):
         self.clients_sock.send_multipart([client, *ewp.encode(command, job_id, body)])
 
-    def _fail(self, job: Job, code: str, message: str, headers: dict | None = None) -> None:
-        body = ewp.error_body(code, message)
-        if headers:
-            body["headers"] = headers
-        self._to_client(job.client, ewp.ERROR, job.job_id, body)
+    def _fail(self, job: Job, code: str, message: str, param: str | None = None) -> None:
+        """End a job with an ERROR to its request: code, message and param, nothing else."""
+        self._to_client(job.client, ewp.ERROR, job.job_id, ewp.error_body(code, message, param))
         self.jobs.pop(job.job_id, None)
 
     # -- workers ---------------------------------------------------------------------------
+    def _heard_from(self, worker: WorkerRecord) -> None:
+        worker.expiry = time.monotonic() + self.silence_limit
+
     def _from_worker(self, index: int, frames: list[bytes]) -> None:
         if len(frames) < 2:
             log.warning("dropped a message without identity from a worker")
             return
         identity, frames = (index, frames[0]), frames[1:]
+        worker = self.workers.get(identity)
+        if worker is not None:
+            self._heard_from(worker)  # any message proves it alive, as any message from us does to it
         try:
             msg = ewp.decode(frames)
         except ewp.ProtocolError as exc:
             log.warning("dropped a bad message from worker %s: %s", identity[1].hex(), exc)
             return
-        worker = self.workers.get(identity)
         if msg.command == ewp.READY:
             self._register(identity, msg.body)
             return
@@ -211,7 +198,6 @@ class Broker:
             log.info("message %s from an unregistered worker: asking it to register", msg.name)
             self._to_worker(identity, ewp.DISCONNECT)
             return
-        worker.expiry = time.monotonic() + ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS
         if msg.command == ewp.HEARTBEAT:
             return
         if msg.command == ewp.DISCONNECT:
@@ -220,30 +206,39 @@ class Broker:
         if msg.command not in (ewp.CHUNK, ewp.DONE, ewp.ERROR):
             log.warning("dropped unexpected %s from worker %s", msg.name, identity[1].hex())
             return
+        self._job_reply(worker, msg)
+
+    def _job_reply(self, worker: WorkerRecord, msg: ewp.Message) -> None:
+        """A CHUNK, DONE or ERROR from a registered worker."""
         job = self.jobs.get(msg.job_id)
-        if job is None or job.worker != identity:
+        if job is None or job.worker != worker.identity:
             if msg.command == ewp.CHUNK:
-                self._to_worker(identity, ewp.CANCEL, msg.job_id)  # nobody is listening any more
+                self._to_worker(worker.identity, ewp.CANCEL, msg.job_id)  # nobody is listening any more
             worker.jobs.discard(msg.job_id)
             return
         problem = ewp.check_job_body(msg)
         if problem:
-            log.warning("bad %s from worker %s for job %s: %s", msg.name, identity[1].hex(), job.job_id, problem)
+            log.warning("bad %s from worker %s for job %s: %s", msg.name, worker.identity[1].hex(), job.job_id,
+                        problem)
             if msg.command == ewp.CHUNK:
-                self._to_worker(identity, ewp.CANCEL, job.job_id)
+                self._to_worker(worker.identity, ewp.CANCEL, job.job_id)
             else:
                 worker.jobs.discard(job.job_id)
             self._fail(job, "worker_protocol_error",
                        f"the worker for model '{job.model}' sent a malformed reply ({problem}); please retry")
             return
-        if msg.command in (ewp.DONE, ewp.ERROR):
-            worker.jobs.discard(job.job_id)
-            if msg.command == ewp.ERROR and msg.body.get("code") == "worker_busy":
-                self._requeue(job)  # its view of free slots was stale: wait for another
-                return
+        if msg.command == ewp.CHUNK:
+            job.answered = True
+            self._to_client(job.client, ewp.CHUNK, job.job_id, msg.body)
+            return
+        worker.jobs.discard(job.job_id)
+        if msg.command == ewp.DONE:
             del self.jobs[job.job_id]
-        job.answered = True
-        self._to_client(job.client, msg.command, job.job_id, msg.body)
+            self._to_client(job.client, ewp.DONE, job.job_id, msg.body)
+        elif msg.body["code"] == ewp.WORKER_BUSY:
+            self._pool(job.model).requeue(job)  # its view of free slots was stale: wait for another
+        else:
+            self._fail(job, msg.body["code"], msg.body["message"], msg.body.get("param"))
 
     def _register(self, identity: WorkerKey, body: dict) -> None:
         model, kind, slots = body.get("model"), body.get("kind"), body.get("slots")
@@ -253,14 +248,17 @@ class Broker:
             return
         if identity in self.workers:
             self._drop_worker(identity, "the worker registered again")
-        self.workers[identity] = WorkerRecord(
-            identity, model, kind, slots, body,
-            time.monotonic() + ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS)
+        worker = WorkerRecord(identity, model, kind, slots, body)
+        self._heard_from(worker)
+        self.workers[identity] = worker
+        self._pool(model).add(worker)
         log.info("worker %s registered: model %r (%s), %d slots, pid %s", body.get("worker_id"), model, kind,
                  slots, body.get("pid"))
 
     def _drop_worker(self, identity: WorkerKey, why: str) -> None:
         worker = self.workers.pop(identity)
+        pool = self._pool(worker.model)
+        pool.remove(worker)
         log.warning("worker %s for model %r removed: %s", worker.info.get("worker_id"), worker.model, why)
         for job_id in worker.jobs:
             job = self.jobs.get(job_id)
@@ -268,21 +266,23 @@ class Broker:
                 # Nothing was sent yet: another worker can take it (but not forever: it may be what
                 # killed the worker).
                 job.enqueued = time.monotonic()
-                self._requeue(job)
+                pool.requeue(job)
             elif job is not None:
                 self._fail(job, "worker_lost",
                            f"the worker serving model '{worker.model}' stopped ({why}) before the answer was "
                            "complete; please retry")
 
-    def _requeue(self, job: Job) -> None:
-        """Put a job that a worker gave back at the head of its model's queue."""
-        job.worker = None
-        self.queues.setdefault(job.model, deque()).appendleft(job.job_id)
-
-    def _expire_workers(self, now: float) -> None:
-        for identity in [i for i, w in self.workers.items() if w.expiry < now]:
-            self._drop_worker(identity, "no heartbeat for "
-                              f"{ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS:.0f}s: died or hung")
+    def _expire(self, now: float) -> None:
+        """Drop the workers that have been silent too long, then fail the jobs that waited too long."""
+        for pool in self.pools.values():
+            for worker in pool.expired_workers(now):
+                self._drop_worker(worker.identity, f"no heartbeat for {self.silence_limit:g}s: died or hung")
+        for pool in self.pools.values():
+            for job in pool.expired_jobs(now):
+                reason = ("every slot stayed busy" if pool.workers
+                          else "no worker for this model is running (still starting, or crashed)")
+                self._fail(job, "queue_timeout", f"model '{pool.model}' could not take the request within "
+                           f"{pool.queue_timeout:g}s: {reason}; retry later")
 
     # -- clients ---------------------------------------------------------------------------
     def _from_client(self, frames: list[bytes]) -> None:
@@ -303,13 +303,13 @@ class Broker:
             log.error("dropped a JOB without a model from a request thread")
             return
         job = Job(msg.job_id, client, model, msg.body, time.monotonic())
-        queue = self.queues.setdefault(model, deque())
-        if len(queue) >= self.limits.queue_size:
-            self._fail(job, "queue_full", f"model '{model}' has {len(queue)} requests waiting already; "
-                       f"retry in {self.limits.retry_after}s", {"Retry-After": str(self.limits.retry_after)})
+        pool = self._pool(model)
+        if pool.full():
+            self._fail(job, "queue_full", f"model '{model}' has {len(pool.queue)} requests waiting already; "
+                       f"retry in {RETRY_AFTER_SECONDS}s")
             return
         self.jobs[job.job_id] = job
-        queue.append(job.job_id)
+        pool.enqueue(job)
         self._dispatch()  # so that the queue only ever holds jobs that found no free slot
 
     def _cancel(self, job_id: str) -> None:
@@ -317,87 +317,17 @@ class Broker:
         if job is None:
             return
         if job.worker is None:
-            queue = self.queues.get(job.model)
-            if queue and job_id in queue:
-                queue.remove(job_id)
+            self._pool(job.model).withdraw(job)
         elif job.worker in self.workers:
             # The slot stays counted until the worker reports the job DONE "cancelled".
             self._to_worker(job.worker, ewp.CANCEL, job_id)
 
-    def _expire_queued(self, now: float) -> None:
-        for model, queue in self.queues.items():
-            while queue and self.jobs[queue[0]].enqueued + self.limits.queue_timeout < now:
-                job = self.jobs[queue.popleft()]
-                has_workers = any(w.model == model for w in self.workers.values())
-                reason = ("every slot stayed busy" if has_workers
-                          else "no worker for this model is running (still starting, or crashed)")
-                self._fail(job, "queue_timeout",
-                           f"model '{model}' could not take the request within {self.limits.queue_timeout:g}s: "
-                           f"{reason}; retry later", {"Retry-After": str(self.limits.retry_after)})
-
     def _dispatch(self) -> None:
-        for model, queue in self.queues.items():
-            while queue:
-                candidates = [w for w in self.workers.values() if w.model == model and w.free() > 0]
-                if not candidates:
-                    break
-                worker = max(candidates, key=WorkerRecord.free)
-                job = self.jobs[queue.popleft()]
-                job.worker = worker.identity
-                job.attempts += 1
-                worker.jobs.add(job.job_id)
+        for pool in self.pools.values():
+            for worker, job in pool.dispatch():
                 self._to_worker(worker.identity, ewp.JOB, job.job_id, job.body)
 
     def _publish(self) -> None:
-        models: dict[str, dict] = {}
-        for w in self.workers.values():
-            m = models.setdefault(w.model, {"kind": w.kind, "workers": [], "slots": 0, "free_slots": 0,
-                                            "queued": 0})
-            m["workers"].append({"worker_id": w.info.get("worker_id"), "pid": w.info.get("pid"),
-                                 "slots": w.slots, "free_slots": w.free(), "n_ctx": w.info.get("n_ctx")})
-            m["slots"] += w.slots
-            m["free_slots"] += w.free()
-        for model, queue in self.queues.items():
-            if queue:
-                models.setdefault(model, {"kind": None, "workers": [], "slots": 0, "free_slots": 0})
-                models[model]["queued"] = len(queue)
+        models = {name: shown for name, pool in self.pools.items() if (shown := pool.snapshot()) is not None}
         with self._lock:
             self._snapshot = models
-
-
-class JobClient:
-    """One request's line to the broker: its own DEALER socket, used by one thread only."""
-
-    def __init__(self, context: zmq.Context | None = None):
-        self.context = context or zmq.Context.instance()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(CLIENTS_ADDR)
-        self.job_id: str | None = None
-        self.finished = False
-        self.checked_at = 0.0  # when the request last checked that its HTTP client is still there
-
-    def submit(self, model: str, body: dict) -> str:
-        self.job_id = uuid.uuid4().hex
-        self.socket.send_multipart(ewp.encode(ewp.JOB, self.job_id, {**body, "model": model}))
-        return self.job_id
-
-    def receive(self, timeout: float) -> ewp.Message | None:
-        """The job's next message, or None if nothing came within timeout seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1):
-                return None
-            msg = ewp.decode(self.socket.recv_multipart())
-            if msg.job_id == self.job_id:
-                if msg.command in (ewp.DONE, ewp.ERROR):
-                    self.finished = True
-                return msg
-
-    def close(self) -> None:
-        """Cancel the job unless it already ended, and close the socket."""
-        if self.job_id is not None and not self.finished:
-            self.socket.send_multipart(ewp.encode(ewp.CANCEL, self.job_id))
-            self.finished = True
-        self.socket.close(0)

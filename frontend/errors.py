@@ -1,9 +1,16 @@
-"""API errors and the one place that turns any exception into the OpenAI-style JSON body."""
+"""The error table, API errors, and the one place that turns any exception into the OpenAI-style JSON body.
+
+Every error code the server can answer with has one row in ``ERRORS``: its HTTP status, its
+OpenAI error type, and whether retrying the same request later makes sense. Callers name a
+code; status, type and headers follow from the table, so no code's meaning lives anywhere else.
+Error messages are for people: nothing here looks inside them.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
@@ -12,91 +19,129 @@ from store import StoreError
 
 log = logging.getLogger("edgellm.server")
 
-# Worker error codes -> HTTP status. The spec documents 500 for an unknown model.
-STATUS_FOR_CODE = {
-    "invalid_request_error": 400,
-    "context_length_exceeded": 400,
-    "model_not_found": 500,
-    "wrong_model_kind": 400,
-    "queue_full": 503,
-    "queue_timeout": 503,
-    "worker_timeout": 503,
-    "no_worker": 503,
-    "worker_lost": 500,
-    "worker_protocol_error": 500,
-    "internal_error": 500,
-    "collection_not_found": 404,
-    "file_not_found": 404,
-    "document_not_found": 404,
-    "invalid_collection_name": 400,
-    "dimension_mismatch": 400,
-    "embedding_model_mismatch": 400,
-    "collection_conflict": 409,
-}
+RETRY_AFTER_SECONDS = 1  # the Retry-After header sent with every retryable error
 
-TYPE_FOR_STATUS = {
-    400: "invalid_request_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    499: "invalid_request_error",
-    500: "server_error",
-    503: "server_error",
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    type: str  # the OpenAI error type
+    retryable: bool = False  # the same request may succeed later: the response carries Retry-After
+
+
+_CLIENT = "invalid_request_error"
+_NOT_FOUND = "not_found_error"
+_SERVER = "server_error"
+
+ERRORS: dict[str, ErrorKind] = {
+    # HTTP layer (routing, bodies, uploads)
+    "not_found": ErrorKind(404, _NOT_FOUND),
+    "method_not_allowed": ErrorKind(405, _CLIENT),
+    "request_too_large": ErrorKind(413, _CLIENT),
+    "http_error": ErrorKind(400, _CLIENT),  # any other client error Werkzeug raises
+    "invalid_json": ErrorKind(400, _CLIENT),
+    "invalid_request_error": ErrorKind(400, _CLIENT),
+    "model_not_found": ErrorKind(500, _SERVER),  # 500, as the LlamaEdge spec documents
+    "wrong_model_kind": ErrorKind(400, _CLIENT),
+    "embedding_model_mismatch": ErrorKind(400, _CLIENT),
+    "unsupported_file_type": ErrorKind(415, _CLIENT),
+    "file_too_large": ErrorKind(413, _CLIENT),
+    "invalid_file": ErrorKind(400, _CLIENT),
+    "empty_file": ErrorKind(400, _CLIENT),
+    "client_closed": ErrorKind(499, _CLIENT),
+    "internal_error": ErrorKind(500, _SERVER),
+    # broker and job runner
+    "queue_full": ErrorKind(503, _SERVER, retryable=True),
+    "queue_timeout": ErrorKind(503, _SERVER, retryable=True),
+    "worker_timeout": ErrorKind(503, _SERVER),
+    "worker_lost": ErrorKind(500, _SERVER),
+    "worker_protocol_error": ErrorKind(500, _SERVER),
+    # workers (worker/protocol.py's ERROR_CODES; internal_error and invalid_request_error are above)
+    "context_length_exceeded": ErrorKind(400, _CLIENT),
+    "worker_busy": ErrorKind(503, _SERVER, retryable=True),  # the broker requeues it; it never reaches HTTP
+    # store (store/errors.py)
+    "store_error": ErrorKind(500, _SERVER),
+    "sqlite_vec_unavailable": ErrorKind(500, _SERVER),
+    "database_error": ErrorKind(500, _SERVER),
+    "schema_too_new": ErrorKind(500, _SERVER),
+    "store_closed": ErrorKind(500, _SERVER),
+    "invalid_collection_name": ErrorKind(400, _CLIENT),
+    "collection_not_found": ErrorKind(404, _NOT_FOUND),
+    "collection_conflict": ErrorKind(409, _CLIENT),
+    "file_not_found": ErrorKind(404, _NOT_FOUND),
+    "document_not_found": ErrorKind(404, _NOT_FOUND),
+    "dimension_mismatch": ErrorKind(400, _CLIENT),
 }
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 headers: dict | None = None):
+    """An error answer; ``code`` must be in ERRORS, which gives its status and type."""
+
+    def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
-        self.status = status
-        self.message = message
+        self.kind = ERRORS[code]
         self.code = code
+        self.message = message
         self.param = param
-        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
 
     @classmethod
-    def from_worker(cls, body: dict, headers: dict | None = None) -> "APIError":
-        code = body.get("code") or "internal_error"
-        return cls(STATUS_FOR_CODE.get(code, 500), body.get("message") or code, code, body.get("param"),
-                   headers)
+    def from_error_body(cls, body: dict) -> "APIError":
+        """The error in a job's ERROR message; a code missing from the table is the sender's protocol error."""
+        code, message = body.get("code"), body.get("message")
+        if code not in ERRORS:
+            return cls("worker_protocol_error", f"the worker answered with an unknown error code {code!r}: "
+                       f"{message}")
+        return cls(code, message or code, body.get("param"))
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": TYPE_FOR_STATUS.get(self.status, "server_error"),
-                          "code": self.code, "param": self.param}}
+        return {"error": {"message": self.message, "type": self.kind.type, "code": self.code,
+                          "param": self.param}}
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_request_error") -> APIError:
-    return APIError(400, message, code, param)
+    """A client error about the request's content; ``code`` names which (default invalid_request_error)."""
+    return APIError(code, message, param)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_HTTP_MESSAGES = {
+    404: "no such endpoint: check the URL (the API lives under /v1)",
+    405: "method not allowed for this endpoint",
+    413: "request body too large",
+}
 
 
 def _from_http(exc: HTTPException) -> APIError:
-    messages = {
-        404: "no such endpoint: check the URL (the API lives under /v1)",
-        405: "method not allowed for this endpoint",
-        413: "request body too large",
-    }
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.code, "http_error")
-    message = messages.get(exc.code) or exc.description or exc.name
-    if exc.code == 405 and getattr(exc, "valid_methods", None):
+    status = exc.code or 500
+    code = _HTTP_CODES.get(status) or ("http_error" if status < 500 else "internal_error")
+    message = _HTTP_MESSAGES.get(status) or exc.description or exc.name
+    if status == 405 and getattr(exc, "valid_methods", None):
         message += f"; use {', '.join(sorted(exc.valid_methods))}"
-    headers = {k: v for k, v in exc.get_headers() if k.lower() == "allow"}
-    return APIError(exc.code or 500, message, code, None, headers)
+    return APIError(code, message)
+
+
+def _from_store(exc: StoreError) -> APIError:
+    code = exc.code if exc.code in ERRORS else "internal_error"
+    if ERRORS[code].status >= 500:
+        log.error("store error: %s", exc)
+    return APIError(code, str(exc), getattr(exc, "param", None))
 
 
 def error_response(exc: BaseException) -> Response:
-    """Every error leaves the server through here, as JSON."""
+    """Every error leaves the server through here, as JSON; the only place error headers are made."""
+    headers = {}
     if isinstance(exc, HTTPException):
+        headers = {k: v for k, v in exc.get_headers() if k.lower() == "allow"}  # 405 says what is allowed
         exc = _from_http(exc)
     elif isinstance(exc, StoreError):
-        status = STATUS_FOR_CODE.get(exc.code, 500)
-        if status == 500:
-            log.error("store error: %s", exc)
-        exc = APIError(status, str(exc), exc.code, "collection" if "collection" in exc.code else None)
+        exc = _from_store(exc)
     elif not isinstance(exc, APIError):
         log.exception("unhandled error", exc_info=exc)
-        exc = APIError(500, f"internal server error: {type(exc).__name__}", "internal_error")
-    return Response(json.dumps(exc.body()), status=exc.status, mimetype="application/json",
-                    headers=exc.headers)
+        exc = APIError("internal_error", f"internal server error: {type(exc).__name__}")
+    if exc.kind.retryable:
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return Response(json.dumps(exc.body()), status=exc.status, mimetype="application/json", headers=headers)

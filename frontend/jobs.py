@@ -1,13 +1,20 @@
-"""Running one job on a worker from a request thread, with the server's timeouts."""
+"""The request side of the broker: running one job on a worker from a request thread, with the server's timeouts.
+
+Each request opens its own ``JobClient`` (a DEALER socket to the broker's clients address; ZeroMQ
+sockets are not thread-safe, so they are never shared between requests), in the process's one
+ZeroMQ context, which inproc requires the broker to share.
+"""
 
 from __future__ import annotations
 
 import select
 import socket
 import time
+import uuid
 from typing import Callable
 
-from frontend.broker import JobClient
+import zmq
+
 from frontend.errors import APIError
 from worker import protocol as ewp
 
@@ -26,15 +33,55 @@ def client_gone(sock: socket.socket | None) -> bool:
         return True
 
 
+class JobClient:
+    """One request's line to the broker: its own DEALER socket, used by one thread only."""
+
+    def __init__(self, clients_addr: str, context: zmq.Context | None = None):
+        self.socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(clients_addr)
+        self.job_id: str | None = None
+        self.finished = False
+        self.checked_at = 0.0  # when the request last checked that its HTTP client is still there
+
+    def submit(self, model: str, body: dict) -> str:
+        self.job_id = uuid.uuid4().hex
+        self.socket.send_multipart(ewp.encode(ewp.JOB, self.job_id, {**body, "model": model}))
+        return self.job_id
+
+    def receive(self, timeout: float) -> ewp.Message | None:
+        """The job's next message, or None if nothing came within timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1):
+                return None
+            msg = ewp.decode(self.socket.recv_multipart())
+            if msg.job_id == self.job_id:
+                if msg.command in (ewp.DONE, ewp.ERROR):
+                    self.finished = True
+                return msg
+
+    def close(self) -> None:
+        """Cancel the job unless it already ended, and close the socket."""
+        if self.job_id is not None and not self.finished:
+            self.socket.send_multipart(ewp.encode(ewp.CANCEL, self.job_id))
+            self.finished = True
+        self.socket.close(0)
+
+
 class JobRunner:
-    def __init__(self, queue_timeout: float, request_timeout: float):
+    def __init__(self, clients_addr: str, queue_timeout: float, request_timeout: float, *,
+                 context: zmq.Context | None = None):
+        self.clients_addr = clients_addr  # the broker's (Broker.clients_addr)
+        self.context = context or zmq.Context.instance()
         self.queue_timeout = queue_timeout
         self.request_timeout = request_timeout
 
     def start(self, model: str, job: dict, gone: Callable[[], bool] | None = None
               ) -> tuple[JobClient, ewp.Message]:
         """Submit a job and wait for its first CHUNK or DONE. The caller closes the client."""
-        client = JobClient()
+        client = JobClient(self.clients_addr, self.context)
         try:
             client.submit(model, job)
             return client, self.next_message(client, first=True, gone=gone)
@@ -55,13 +102,12 @@ class JobRunner:
             if gone is not None and now - client.checked_at >= DISCONNECT_CHECK:
                 client.checked_at = now
                 if gone():
-                    raise APIError(499, "the client closed the connection; the job was cancelled",
-                                   "client_closed")
+                    raise APIError("client_closed", "the client closed the connection; the job was cancelled")
         if msg is None:
-            raise APIError(503, f"the worker did not answer within {timeout:g}s; the request was cancelled",
-                           "worker_timeout")
+            raise APIError("worker_timeout",
+                           f"the worker did not answer within {timeout:g}s; the request was cancelled")
         if msg.command == ewp.ERROR:
-            raise APIError.from_worker(msg.body, msg.body.get("headers"))
+            raise APIError.from_error_body(msg.body)
         return msg
 
     def collect(self, model: str, job: dict, gone: Callable[[], bool] | None = None

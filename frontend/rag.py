@@ -24,10 +24,10 @@ TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
 def check_text_file(filename: str, data: bytes, max_bytes: int) -> str:
     """The file's text, or a 4xx saying why it cannot be ingested."""
     if PurePath(filename).suffix.lower() not in TEXT_SUFFIXES:
-        raise APIError(415, f"'{filename}' is not a supported file type; upload {', '.join(sorted(TEXT_SUFFIXES))} "
-                       "files", "unsupported_file_type", "file")
+        raise APIError("unsupported_file_type", f"'{filename}' is not a supported file type; upload "
+                       f"{', '.join(sorted(TEXT_SUFFIXES))} files", "file")
     if len(data) > max_bytes:
-        raise APIError(413, f"'{filename}' is {len(data)} bytes; the limit is {max_bytes}", "file_too_large", "file")
+        raise APIError("file_too_large", f"'{filename}' is {len(data)} bytes; the limit is {max_bytes}", "file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -83,8 +83,8 @@ class Knowledge:
         collection = self.store.get_collection(collection_name)
         if collection is None:
             names = ", ".join(c.name for c in self.store.list_collections()) or "none yet"
-            raise APIError(404, f"collection '{collection_name}' does not exist; collections: {names}",
-                           "collection_not_found", "collection")
+            raise APIError("collection_not_found",
+                           f"collection '{collection_name}' does not exist; collections: {names}", "collection")
         if model is not None and model != collection.model:
             raise bad_request(f"collection '{collection_name}' was built with embedding model "
                               f"'{collection.model}'; query it with that model, not '{model}'", "model",
@@ -97,8 +97,8 @@ def _in_order(chunks: list[dict], expected: int | None = None) -> list[dict]:
     """A job's CHUNK bodies sorted by index, checked to be exactly 0..n-1 (n = ``expected``)."""
     ordered = sorted(chunks, key=lambda c: c["index"])
     if [c["index"] for c in ordered] != list(range(len(ordered) if expected is None else expected)):
-        raise APIError(500, f"the embedding worker returned {len(ordered)} results with wrong indices",
-                       "worker_protocol_error")
+        raise APIError("worker_protocol_error",
+                       f"the embedding worker returned {len(ordered)} results with wrong indices")
     return ordered
 
 

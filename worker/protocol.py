@@ -22,11 +22,12 @@ Frames (after the ROUTER's identity frame)
 Worker -> broker
     READY      [EWP1, READY, body]           registration: {"model", "kind", "slots", "n_ctx",
                                               "pid", "worker_id"} (kind is "chat" or "embedding")
-    HEARTBEAT  [EWP1, HEARTBEAT, body]        {"free_slots", "active"}: the worker is alive and how busy
+    HEARTBEAT  [EWP1, HEARTBEAT]              the worker is alive
     CHUNK      [EWP1, CHUNK, job, body]       a piece of output, sent as soon as it is generated:
                                               chat {"text", "tokens"}; embedding {"index", "embedding"}
     DONE       [EWP1, DONE, job, body]        the job ended: {"finish_reason", "usage": {...}}
-    ERROR      [EWP1, ERROR, job, body]       the job failed: {"code", "message", "param"}
+    ERROR      [EWP1, ERROR, job, body]       the job failed: {"code", "message", "param"}, code one of
+                                              ERROR_CODES; nothing else in the body reaches the client
     DISCONNECT [EWP1, DISCONNECT]             the worker is shutting down
 
 Broker -> worker
@@ -36,9 +37,12 @@ Broker -> worker
     HEARTBEAT  [EWP1, HEARTBEAT]              the broker is alive
     DISCONNECT [EWP1, DISCONNECT]             forget me and register again (sent to unknown workers)
 
-Heartbeats go both ways every HEARTBEAT_INTERVAL seconds. A peer that has sent nothing
-for HEARTBEAT_LIVENESS intervals is dead: the broker fails that worker's jobs with
-"worker_lost"; the worker reconnects with exponential backoff and registers again.
+Heartbeats go both ways every HEARTBEAT_INTERVAL seconds and carry nothing but the command:
+the broker counts a worker's free slots from the jobs it sent it. Any message proves its
+sender alive. A peer that has sent nothing for HEARTBEAT_LIVENESS intervals is dead: the
+broker fails that worker's jobs with "worker_lost" (a job whose client has seen nothing of it
+yet goes to another worker instead); the worker reconnects with exponential backoff and
+registers again.
 
 The front end's request threads talk to the broker thread over inproc with the same
 framing: a request sends JOB or CANCEL (JOB's body adds "model"), and receives the
@@ -77,7 +81,7 @@ COMMAND_NAMES = {
 # Which frames each command carries after frame 1: (has job id, has body).
 _LAYOUT = {
     READY: (False, True),
-    HEARTBEAT: (False, None),  # worker -> broker carries a body, broker -> worker does not
+    HEARTBEAT: (False, False),
     JOB: (True, True),
     CHUNK: (True, True),
     DONE: (True, True),
@@ -90,6 +94,11 @@ HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats, both ways
 HEARTBEAT_LIVENESS = 3  # intervals of silence after which a peer is dead
 RECONNECT_INITIAL = 0.25  # seconds; a worker's first reconnect delay
 RECONNECT_MAX = 8.0  # seconds; reconnect delays double up to this
+
+# The codes a worker may put in an ERROR body; an ERROR with any other code is a malformed reply.
+# (The front end's error table, frontend/errors.py, gives each one its HTTP status.)
+WORKER_BUSY = "worker_busy"  # no free slot after all: the broker gives the job to another worker
+ERROR_CODES = frozenset({"invalid_request_error", "context_length_exceeded", "internal_error", WORKER_BUSY})
 
 _JOB_ID = re.compile(rb"\A[0-9a-f]{32}\Z")
 
@@ -138,8 +147,6 @@ def decode(frames: list[bytes]) -> Message:
         job_id = rest[0].decode("ascii")
         rest = rest[1:]
     body = None
-    if has_body is None:
-        has_body = bool(rest)
     if has_body:
         if len(rest) != 1:
             raise ProtocolError(f"{COMMAND_NAMES[command]} needs exactly one body frame")
@@ -173,8 +180,11 @@ def check_job_body(msg: Message) -> str | None:
             return "DONE needs 'finish_reason' and 'usage' with integer token counts"
         return None
     if msg.command == ERROR:
-        if not isinstance(body.get("code"), str) or not isinstance(body.get("message"), str):
-            return "ERROR needs a string 'code' and 'message'"
+        if not isinstance(body.get("code"), str) or not isinstance(body.get("message"), str) \
+                or not isinstance(body.get("param"), (str, type(None))):
+            return "ERROR needs a string 'code' and 'message', and 'param' a string or null"
+        if body["code"] not in ERROR_CODES:
+            return f"ERROR code {body['code']!r} is not one a worker may send"
         return None
     return f"{msg.name} is not a job message"
 

@@ -24,14 +24,16 @@ Worker -> broker
                                               "pid", "worker_id"} (kind is "chat" or "embedding")
     HEARTBEAT  [EWP1, HEARTBEAT]              the worker is alive
     CHUNK      [EWP1, CHUNK, job, body]       a piece of output, sent as soon as it is generated:
-                                              chat {"text", "tokens"}; embedding {"index", "embedding"}
+                                              chat {"text"}; embedding {"index", "embedding"};
+                                              chunk {"index", "text"} (+ "embedding" with "embed")
     DONE       [EWP1, DONE, job, body]        the job ended: {"finish_reason", "usage": {...}}
     ERROR      [EWP1, ERROR, job, body]       the job failed: {"code", "message", "param"}, code one of
                                               ERROR_CODES; nothing else in the body reaches the client
     DISCONNECT [EWP1, DISCONNECT]             the worker is shutting down
 
 Broker -> worker
-    JOB        [EWP1, JOB, job, body]         {"kind", ...request fields...}
+    JOB        [EWP1, JOB, job, body]         {"kind", ...request fields...}: kind "chat",
+                                              "embedding", or "chunk" {"text", "capacity", "embed"}
     CANCEL     [EWP1, CANCEL, job]            stop the job and free its slot; the worker answers DONE
                                               with finish_reason "cancelled" (or nothing if it never had it)
     HEARTBEAT  [EWP1, HEARTBEAT]              the broker is alive
@@ -52,6 +54,7 @@ CHUNK, DONE and ERROR messages of its job.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 from dataclasses import dataclass
@@ -166,13 +169,7 @@ def check_job_body(msg: Message) -> str | None:
     (The frames were checked by decode(); this checks the fields the front end reads.)"""
     body = msg.body or {}
     if msg.command == CHUNK:
-        if isinstance(body.get("text"), str):
-            return None
-        embedding = body.get("embedding")
-        if isinstance(body.get("index"), int) and isinstance(embedding, list) \
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding):
-            return None
-        return "CHUNK needs a string 'text', or an integer 'index' and a list of numbers 'embedding'"
+        return _chunk_problem(body)
     if msg.command == DONE:
         usage = body.get("usage")
         if not isinstance(body.get("finish_reason"), (str, type(None))) or not isinstance(usage, dict) \
@@ -187,6 +184,25 @@ def check_job_body(msg: Message) -> str | None:
             return f"ERROR code {body['code']!r} is not one a worker may send"
         return None
     return f"{msg.name} is not a job message"
+
+
+_CHUNK_KEYS = {"index", "text", "embedding"}
+
+
+def _chunk_problem(body: dict) -> str | None:
+    """Chat: {"text"}; embedding: {"index", "embedding"}; chunking: {"index", "text"}, plus
+    "embedding" when the chunks are embedded too."""
+    text, index, embedding = body.get("text"), body.get("index"), body.get("embedding")
+    if set(body) - _CHUNK_KEYS or (text is None and embedding is None):
+        return "CHUNK holds 'text' and/or 'index' with 'embedding', and nothing else"
+    if text is not None and not isinstance(text, str):
+        return "CHUNK 'text' must be a string"
+    if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
+        return "CHUNK 'index' must be an integer of 0 or more"
+    if embedding is not None and (index is None or not isinstance(embedding, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in embedding)):
+        return "CHUNK 'embedding' must be a list of finite numbers, with an 'index'"
+    return None
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict:

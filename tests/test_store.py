@@ -215,6 +215,13 @@ def test_unknown_collection(store):
         store.list_documents("nope")
 
 
+def test_errors_name_the_request_field_to_blame():
+    assert StoreError.param is None
+    assert InvalidCollectionName.param == CollectionNotFound.param == CollectionConflict.param == "collection"
+    assert FileNotFound.param == "id"
+    assert DimensionMismatch.param is None
+
+
 # Documents
 
 

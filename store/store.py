@@ -28,8 +28,9 @@ _COLLECTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _FILE_COLUMNS = "id, filename, purpose, size, content_hash, created_at"
 _COLLECTION_COLUMNS = "id, name, model, dimension, created_at"
 _DOCUMENT_COLUMNS = (
-    "d.id, c.name, d.source, d.content_hash, d.file_id,"
-    " (SELECT count(*) FROM chunks WHERE document_id = d.id), d.created_at"
+    "d.id AS id, c.name AS collection, d.source AS source, d.content_hash AS content_hash,"
+    " d.file_id AS file_id, (SELECT count(*) FROM chunks WHERE document_id = d.id) AS chunk_count,"
+    " d.created_at AS created_at"
 )
 
 
@@ -104,8 +105,8 @@ class Store:
 
     def list_collections(self) -> list[Collection]:
         with self._pool.connection() as conn:
-            rows = conn.execute(f"SELECT {_COLLECTION_COLUMNS} FROM collections ORDER BY name")
-        return [Collection(*row[1:]) for row in rows]
+            rows = conn.mappings(f"SELECT {_COLLECTION_COLUMNS} FROM collections ORDER BY name")
+        return [_collection(row)[1] for row in rows]
 
     def delete_collection(self, name: str) -> None:
         """Delete a collection with its documents, chunks and vectors."""
@@ -123,15 +124,15 @@ class Store:
     def list_files(self) -> list[FileRecord]:
         """All files, oldest first."""
         with self._pool.connection() as conn:
-            rows = conn.execute(f"SELECT {_FILE_COLUMNS} FROM files ORDER BY created_at, rowid")
-        return [FileRecord(*row) for row in rows]
+            rows = conn.mappings(f"SELECT {_FILE_COLUMNS} FROM files ORDER BY created_at, rowid")
+        return [FileRecord(**row) for row in rows]
 
     def get_file(self, file_id: str) -> FileRecord:
         with self._pool.connection() as conn:
-            row = conn.fetchone(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
+            row = conn.mapping(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
         if row is None:
             raise FileNotFound(f"no file with id {file_id!r}")
-        return FileRecord(*row)
+        return FileRecord(**row)
 
     def get_file_content(self, file_id: str) -> bytes:
         with self._pool.connection() as conn:
@@ -203,22 +204,22 @@ class Store:
     def get_document(self, collection: str, source: str) -> DocumentRecord | None:
         """The stored document for ``source``; compare its hash to skip re-embedding."""
         with self._pool.connection() as conn:
-            row = conn.fetchone(
+            row = conn.mapping(
                 f"SELECT {_DOCUMENT_COLUMNS} FROM documents d JOIN collections c ON c.id = d.collection_id"
                 " WHERE c.name = ? AND d.source = ?",
                 (collection, source),
             )
-        return None if row is None else DocumentRecord(*row)
+        return None if row is None else DocumentRecord(**row)
 
     def list_documents(self, collection: str) -> list[DocumentRecord]:
         with self._pool.connection() as conn, conn.transaction(write=False):
             collection_id, _ = _require_collection(conn, collection)
-            rows = conn.execute(
+            rows = conn.mappings(
                 f"SELECT {_DOCUMENT_COLUMNS} FROM documents d JOIN collections c ON c.id = d.collection_id"
                 " WHERE d.collection_id = ? ORDER BY d.id",
                 (collection_id,),
             )
-        return [DocumentRecord(*row) for row in rows]
+        return [DocumentRecord(**row) for row in rows]
 
     def delete_document(self, collection: str, source: str) -> None:
         with self._pool.connection() as conn, conn.transaction():
@@ -254,15 +255,16 @@ class Store:
         with self._pool.connection() as conn, conn.transaction(write=False):
             collection_id, info = _require_collection(conn, collection)
             blob = _vector_blob(vector, info)
-            rows = conn.execute(
+            rows = conn.mappings(
                 f"WITH {vec_tables.knn_sql(collection_id)}"
-                " SELECT ch.text, knn.distance, d.source, ch.id, d.id, d.file_id, ch.ordinal"
+                " SELECT ch.text AS text, knn.distance AS distance, d.source AS source, ch.id AS chunk_id,"
+                " d.id AS document_id, d.file_id AS file_id, ch.ordinal AS ordinal"
                 " FROM knn JOIN chunks ch ON ch.id = knn.chunk_id"
                 " JOIN documents d ON d.id = ch.document_id"
                 " ORDER BY knn.distance, ch.id",
                 (blob, min(limit, vec_tables.MAX_K)),
             )
-        hits = [Hit(text, 1.0 - distance, *rest) for text, distance, *rest in rows]
+        hits = [Hit(score=1.0 - row.pop("distance"), **row) for row in rows]
         if score_threshold is None:
             return hits
         return [hit for hit in hits if hit.score >= score_threshold]
@@ -277,8 +279,14 @@ class Store:
 
 
 def _find_collection(conn: Connection, name: str) -> tuple[int, Collection] | None:
-    row = conn.fetchone(f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE name = ?", (name,))
-    return None if row is None else (row[0], Collection(*row[1:]))
+    row = conn.mapping(f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE name = ?", (name,))
+    return None if row is None else _collection(row)
+
+
+def _collection(row: dict) -> tuple[int, Collection]:
+    """The row id (which names the collection's vector table) and the record."""
+    collection_id = row.pop("id")
+    return collection_id, Collection(**row)
 
 
 def _require_collection(conn: Connection, name: str) -> tuple[int, Collection]:

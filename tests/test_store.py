@@ -15,9 +15,11 @@ from store import (
     Collection,
     CollectionConflict,
     CollectionNotFound,
+    DatabaseError,
     DimensionMismatch,
     DocumentNotFound,
     FileNotFound,
+    FileRecord,
     InvalidCollectionName,
     SchemaTooNew,
     SqliteVecUnavailable,
@@ -156,6 +158,48 @@ def test_closed_store_refuses_calls(path):
     opened.close()
     with pytest.raises(StoreClosed):
         opened.list_collections()
+
+
+# Rows by column name
+
+
+def _raw_connections():
+    """Plain connections of each installed binding (sqlite-vec is not needed to name columns)."""
+    yield db.Connection(sqlite3.connect(":memory:", isolation_level=None), "sqlite3", (sqlite3.Error,))
+    try:
+        import apsw
+    except ImportError:
+        return
+    yield db.Connection(apsw.Connection(":memory:"), "apsw", (apsw.Error,))
+
+
+@pytest.mark.parametrize("conn", list(_raw_connections()), ids=lambda conn: conn.binding)
+def test_rows_map_by_column_name_in_either_binding(conn):
+    try:
+        conn.execute("CREATE TABLE t (a, b)")
+        conn.execute("INSERT INTO t VALUES (1, 'one'), (2, 'two')")
+        assert conn.mappings("SELECT b, a FROM t ORDER BY a") == [{"b": "one", "a": 1}, {"b": "two", "a": 2}]
+        assert conn.mapping("SELECT a AS x, t.b AS y FROM t WHERE a = 2") == {"x": 2, "y": "two"}
+        assert conn.mappings("SELECT a FROM t WHERE a > 5") == []
+        assert conn.mapping("SELECT a FROM t WHERE a > 5") is None
+        with pytest.raises(ValueError):
+            conn.mappings("SELECT a, a FROM t")
+        with pytest.raises(DatabaseError):
+            conn.mappings("SELECT nope FROM t")
+    finally:
+        conn.close()
+
+
+def test_records_do_not_depend_on_the_order_of_the_columns(store, path):
+    record = store.add_file("notes.md", b"# Hello\n")
+    conn = db.connect(os.fspath(path), busy_timeout_ms=1000)
+    try:
+        row = conn.mapping(
+            "SELECT created_at, content_hash, size, purpose, filename, id FROM files WHERE id = ?", (record.id,)
+        )
+    finally:
+        conn.close()
+    assert FileRecord(**row) == record == store.get_file(record.id)
 
 
 # Collections

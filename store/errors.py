@@ -48,7 +48,7 @@ class CollectionNotFound(StoreError):
 
 
 class CollectionConflict(StoreError):
-    """A collection exists under that name with another model or dimension."""
+    """A collection exists under that name, built with another model."""
 
     code = "collection_conflict"
     param = "collection"
@@ -63,10 +63,6 @@ class FileNotFound(StoreError):
 
     code = "file_not_found"
     param = "id"
-
-
-class DocumentNotFound(StoreError):
-    code = "document_not_found"
 
 
 class DimensionMismatch(StoreError):

@@ -6,7 +6,6 @@ from .errors import (
     CollectionNotFound,
     DatabaseError,
     DimensionMismatch,
-    DocumentNotFound,
     FileNotFound,
     InvalidCollectionName,
     SchemaTooNew,
@@ -14,6 +13,7 @@ from .errors import (
     StoreClosed,
     StoreError,
 )
+from .files import content_hash
 from .records import Collection, DocumentRecord, FileRecord, Hit, UpsertStatus
 from .store import Store
 
@@ -23,7 +23,6 @@ __all__ = [
     "CollectionNotFound",
     "DatabaseError",
     "DimensionMismatch",
-    "DocumentNotFound",
     "DocumentRecord",
     "FileNotFound",
     "FileRecord",
@@ -35,5 +34,6 @@ __all__ = [
     "StoreClosed",
     "StoreError",
     "UpsertStatus",
+    "content_hash",
     "split_text",
 ]

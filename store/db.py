@@ -10,7 +10,7 @@ exception class they raise).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ from .errors import DatabaseError, SqliteVecUnavailable
 BINDINGS = ("sqlite3", "apsw")
 
 Row = tuple[Any, ...]
+Mapping = dict[str, Any]
 
 
 class Connection:
@@ -31,6 +32,7 @@ class Connection:
     def __init__(self, raw: Any, binding: str, error_types: tuple[type[BaseException], ...]):
         self._raw = raw
         self._error_types = error_types
+        self._column_names = _COLUMN_NAMES[binding]
         self._in_transaction = False
         self.binding = binding
 
@@ -40,6 +42,26 @@ class Connection:
             return self._raw.execute(sql, tuple(params)).fetchall()
         except self._error_types as exc:
             raise DatabaseError(str(exc)) from exc
+
+    def mappings(self, sql: str, params: Sequence[Any] = ()) -> list[Mapping]:
+        """Run one query and return its rows as ``{column name: value}``.
+
+        Names are the SELECT's result names (``AS`` aliases included), so a
+        record built with ``Record(**row)`` gets each value by name and can
+        never be shifted by a reordered column list.
+        """
+        try:
+            cursor = self._raw.execute(sql, tuple(params))
+            names = self._column_names(cursor)
+            if len(set(names)) != len(names):
+                raise ValueError(f"duplicate result column names {names}: alias them apart")
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+        except self._error_types as exc:
+            raise DatabaseError(str(exc)) from exc
+
+    def mapping(self, sql: str, params: Sequence[Any] = ()) -> Mapping | None:
+        rows = self.mappings(sql, params)
+        return rows[0] if rows else None
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         try:
@@ -170,6 +192,27 @@ def _open_apsw(path: str, loadable: str) -> Connection:
 
 
 _OPENERS = {"sqlite3": _open_sqlite3, "apsw": _open_apsw}
+
+
+def _sqlite3_column_names(cursor: Any) -> list[str]:
+    return [column[0] for column in cursor.description or ()]
+
+
+def _apsw_column_names(cursor: Any) -> list[str]:
+    """apsw describes only a statement still running: one that returned no row
+    is already complete, and then there are no rows to name."""
+    import apsw
+
+    try:
+        return [name for name, _ in cursor.getdescription()]
+    except apsw.ExecutionCompleteError:
+        return []
+
+
+_COLUMN_NAMES: dict[str, Callable[[Any], list[str]]] = {
+    "sqlite3": _sqlite3_column_names,
+    "apsw": _apsw_column_names,
+}
 
 
 def _configure(conn: Connection, busy_timeout_ms: int) -> None:

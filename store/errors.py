@@ -1,7 +1,8 @@
 """Exceptions raised by the store.
 
 Every error carries a stable, machine-readable ``code`` so the API layer can
-map it to an OpenAI-style error body without parsing messages.
+map it to an OpenAI-style error body without parsing messages, and a
+``param`` for that body: the request field to blame, or None when none is.
 """
 
 
@@ -9,6 +10,7 @@ class StoreError(Exception):
     """Base class for every error the store raises on purpose."""
 
     code = "store_error"
+    param: str | None = None
 
 
 class SqliteVecUnavailable(StoreError):
@@ -37,27 +39,36 @@ class StoreClosed(StoreError):
 
 class InvalidCollectionName(StoreError):
     code = "invalid_collection_name"
+    param = "collection"
 
 
 class CollectionNotFound(StoreError):
     code = "collection_not_found"
+    param = "collection"
 
 
 class CollectionConflict(StoreError):
-    """A collection exists under that name with another model or dimension."""
+    """A collection exists under that name, built with another model."""
 
     code = "collection_conflict"
+    param = "collection"
 
 
 class FileNotFound(StoreError):
+    """No uploaded file has that id.
+
+    ``param`` is "id", as OpenAI's API answers for an unknown file, and the
+    name of the field that carries a file id in a request body (/v1/chunks).
+    """
+
     code = "file_not_found"
-
-
-class DocumentNotFound(StoreError):
-    code = "document_not_found"
+    param = "id"
 
 
 class DimensionMismatch(StoreError):
-    """A vector's length differs from its collection's dimension."""
+    """A vector's length differs from its collection's dimension.
+
+    No ``param``: the vectors come from the embedding model, not the request.
+    """
 
     code = "dimension_mismatch"

@@ -35,10 +35,6 @@ def create_table(conn: Connection, collection_id: int, dimension: int) -> None:
     )
 
 
-def drop_table(conn: Connection, collection_id: int) -> None:
-    conn.execute(f"DROP TABLE IF EXISTS {table_name(collection_id)}")
-
-
 def insert(conn: Connection, collection_id: int, rows: Sequence[tuple[int, bytes]]) -> None:
     """Insert ``(chunk_id, blob)`` pairs."""
     conn.executemany(
@@ -53,10 +49,6 @@ def delete(conn: Connection, collection_id: int, chunk_ids: Sequence[int]) -> No
         f"DELETE FROM {table_name(collection_id)} WHERE rowid = ?",
         [(chunk_id,) for chunk_id in chunk_ids],
     )
-
-
-def count(conn: Connection, collection_id: int) -> int:
-    return conn.fetchvalue(f"SELECT count(*) FROM {table_name(collection_id)}")
 
 
 def knn_sql(collection_id: int) -> str:

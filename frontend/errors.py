@@ -53,8 +53,8 @@ ERRORS: dict[str, ErrorKind] = {
     # broker and job runner
     "queue_full": ErrorKind(503, _SERVER, retryable=True),
     "queue_timeout": ErrorKind(503, _SERVER, retryable=True),
-    "worker_timeout": ErrorKind(503, _SERVER),
-    "worker_lost": ErrorKind(500, _SERVER),
+    "worker_timeout": ErrorKind(503, _SERVER, retryable=True),
+    "worker_lost": ErrorKind(500, _SERVER, retryable=True),
     "worker_protocol_error": ErrorKind(500, _SERVER),
     # workers (worker/protocol.py's ERROR_CODES; internal_error and invalid_request_error are above)
     "context_length_exceeded": ErrorKind(400, _CLIENT),
@@ -69,7 +69,6 @@ ERRORS: dict[str, ErrorKind] = {
     "collection_not_found": ErrorKind(404, _NOT_FOUND),
     "collection_conflict": ErrorKind(409, _CLIENT),
     "file_not_found": ErrorKind(404, _NOT_FOUND),
-    "document_not_found": ErrorKind(404, _NOT_FOUND),
     "dimension_mismatch": ErrorKind(400, _CLIENT),
 }
 

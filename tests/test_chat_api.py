@@ -11,6 +11,9 @@ from conftest import CHAT_MODEL, CHAT_PATH, EMBED_MODEL, GEMMA_MODEL, sse_events
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 FRANCE = {"role": "user", "content": "What is the capital of France?"}
+STORY = [{"role": "user", "content": "Tell me a story about a dog."}]
+NEVER = "\u2603\u2603never\u2603"  # a stop string no answer of this model contains
+CTX_SIZE = 2048  # the fixture's chat model context (the default)
 CHATCMPL_ID = re.compile(r"^chatcmpl-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
@@ -29,6 +32,41 @@ def stream(server, **body):
         return sse_events(r)
 
 
+def text_of(events: list) -> str:
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in events if c != "[DONE]" and c["choices"])
+
+
+def chatml_tokens(messages: list[dict]) -> int:
+    """Prompt tokens of `messages` in SmolLM2's ChatML template, counted independently of the server."""
+    vocab = Llama(model_path=str(CHAT_PATH), vocab_only=True, verbose=False)
+    prompt = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return len(vocab.tokenize((prompt + "<|im_start|>assistant\n").encode(), add_bos=False, special=True))
+
+
+def assert_consistent_finish(finish_reason: str, usage: dict, max_tokens: int | None = None) -> None:
+    """Without a stop string the model decides between 'stop' (it ended) and 'length' (it was cut off);
+    either way the reason must agree with the token counts the server reports."""
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    if max_tokens is not None:
+        assert usage["completion_tokens"] <= max_tokens
+    if finish_reason == "length":
+        assert usage["completion_tokens"] == max_tokens or usage["total_tokens"] >= CTX_SIZE, usage
+    else:
+        assert finish_reason == "stop"
+        assert max_tokens is None or usage["completion_tokens"] < max_tokens, usage
+        assert usage["total_tokens"] <= CTX_SIZE
+
+
+def stop_inside(full: str) -> str:
+    """Three consecutive words from the middle of `full` (several tokens), with the spaces between them."""
+    words = list(re.finditer(r"\S+", full))
+    assert len(words) >= 12, full
+    first = len(words) // 3
+    stop = full[words[first].start():words[first + 2].end()]
+    assert len(stop) >= 5 and NEVER not in full
+    return stop
+
+
 def test_spec_curl_non_streaming(server):
     # The spec's request, as curl sends it (model name aside), plus temperature 0 for a stable answer.
     r = server.http.post("/v1/chat/completions", headers={"accept": "application/json"},
@@ -45,19 +83,18 @@ def test_spec_curl_non_streaming(server):
     [choice] = body["choices"]
     assert choice["index"] == 0
     assert choice["message"]["role"] == "assistant"
-    assert "Paris" in choice["message"]["content"]
-    assert choice["finish_reason"] == "stop"
+    assert isinstance(choice["message"]["content"], str)
     assert choice["logprobs"] is None
     usage = body["usage"]
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
-    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert_consistent_finish(choice["finish_reason"], usage)
 
 
 def test_spec_curl_streaming(server):
     events = stream(server, temperature=0)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
-    assert len(chunks) >= 3
+    assert len(chunks) >= 2  # the role (with the first text) ... the finish reason
     ids = {c["id"] for c in chunks}
     assert len(ids) == 1 and CHATCMPL_ID.match(ids.pop())
     for c in chunks:
@@ -70,18 +107,22 @@ def test_spec_curl_streaming(server):
         assert "usage" not in c  # only with stream_options.include_usage
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert "Paris" in text
+    assert all(isinstance(c["choices"][0]["delta"]["content"], str) for c in chunks[:-1])
+    assert chunks[-1]["choices"][0]["delta"] == {}
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_stream_and_json_give_the_same_answer(server):
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in stream(server, temperature=0)[:-1])
-    assert text == chat(server, temperature=0).json()["choices"][0]["message"]["content"]
+    # Same request, same (idle) server: the same text and finish reason, whichever way it is sent.
+    events = stream(server, temperature=0, stream_options={"include_usage": True})
+    body = chat(server, temperature=0).json()
+    assert text_of(events) == body["choices"][0]["message"]["content"]
+    assert events[-3]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
+    assert events[-2]["usage"] == body["usage"]
 
 
 def test_stream_include_usage(server):
-    events = stream(server, temperature=0, max_tokens=5, stream_options={"include_usage": True})
+    events = stream(server, messages=STORY, temperature=0, max_tokens=5, stream_options={"include_usage": True})
     assert events[-1] == "[DONE]"
     usage_chunk = events[-2]
     assert usage_chunk["choices"] == []
@@ -96,7 +137,8 @@ def test_prompt_tokens_are_true_counts(server):
     prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
               "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     expected = len(vocab.tokenize(prompt.encode(), add_bos=False, special=True))
-    usage = chat(server, temperature=0).json()["usage"]
+    assert chatml_tokens([SYSTEM, FRANCE]) == expected
+    usage = chat(server, temperature=0, max_tokens=3).json()["usage"]
     assert usage["prompt_tokens"] == expected
 
 
@@ -108,21 +150,44 @@ def test_max_tokens_and_max_completion_tokens(server):
         assert body["usage"]["completion_tokens"] == 7
 
 
-@pytest.mark.parametrize("stop", ["Paris", ["xyz", "Paris"]])
-def test_stop_strings(server, stop):
-    full = chat(server, temperature=0).json()["choices"][0]["message"]["content"]
-    assert "Paris" in full
-    body = chat(server, temperature=0, stop=stop).json()
-    text = body["choices"][0]["message"]["content"]
+@pytest.mark.parametrize("as_list", [False, True])
+def test_stop_strings(server, as_list):
+    # The greedy text of a request is the same on an idle server however often it is asked, so a
+    # stop string taken from inside it must cut the same request's answer right before it.
+    full_body = chat(server, messages=STORY, temperature=0, max_tokens=40).json()
+    full = full_body["choices"][0]["message"]["content"]
+    stop = stop_inside(full)
+    body = chat(server, messages=STORY, temperature=0, max_tokens=40,
+                stop=[NEVER, stop] if as_list else stop).json()
     assert body["choices"][0]["finish_reason"] == "stop"
-    assert text == full[:full.index("Paris")]
+    assert body["choices"][0]["message"]["content"] == full[:full.index(stop)]
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == full_body["usage"]["prompt_tokens"]
+    assert 0 < usage["completion_tokens"] < full_body["usage"]["completion_tokens"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_stop_string_that_never_appears_changes_nothing(server):
+    full = chat(server, messages=STORY, temperature=0, max_tokens=40).json()
+    body = chat(server, messages=STORY, temperature=0, max_tokens=40, stop=NEVER).json()
+    assert NEVER not in full["choices"][0]["message"]["content"]
+    assert body["choices"] == full["choices"]
+    assert body["usage"] == full["usage"]
 
 
 def test_stop_string_split_across_stream_chunks(server):
-    full = chat(server, temperature=0).json()["choices"][0]["message"]["content"]
-    events = stream(server, temperature=0, stop=["of France is"])
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1])
-    assert text == full[:full.index("of France is")]
+    events = stream(server, messages=STORY, temperature=0, max_tokens=40)
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in events[:-1]]
+    full = "".join(pieces)
+    stop = stop_inside(full)
+    start = full.index(stop)
+    # Where the unstopped stream's chunks end: the stop string spans at least one of those edges.
+    edges = [sum(map(len, pieces[:i])) for i in range(1, len(pieces))]
+    assert any(start < edge < start + len(stop) for edge in edges), (stop, pieces)
+    stopped = stream(server, messages=STORY, temperature=0, max_tokens=40, stop=[NEVER, stop])
+    assert stopped[-1] == "[DONE]"
+    assert stopped[-2]["choices"][0]["finish_reason"] == "stop"
+    assert text_of(stopped) == full[:start]
 
 
 def test_seed_reproducible(server):
@@ -152,9 +217,14 @@ def test_penalties_change_the_output(server):
 
 
 def test_multi_part_user_content(server):
-    body = chat(server, temperature=0, messages=[SYSTEM, {"role": "user", "content": [
-        {"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]}]).json()
-    assert "Paris" in body["choices"][0]["message"]["content"]
+    # The parts reach the prompt joined by newlines (frontend/chat_api.py), nothing lost or added.
+    parts = chat(server, temperature=0, max_tokens=3, messages=[SYSTEM, {"role": "user", "content": [
+        {"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]}])
+    assert parts.status_code == 200, parts.text
+    joined = {"role": "user", "content": "What is the capital\nof France?"}
+    one_string = chat(server, temperature=0, max_tokens=3, messages=[SYSTEM, joined]).json()
+    prompt_tokens = parts.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens == one_string["usage"]["prompt_tokens"] == chatml_tokens([SYSTEM, joined])
 
 
 def test_model_field_defaults_to_first_chat_model(server):

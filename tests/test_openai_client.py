@@ -13,30 +13,52 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
 
 
+MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}]
+MAX_TOKENS = 40
+
+
+def check_finish(finish_reason, usage) -> None:
+    """The finish reason agrees with the counts: 'length' exactly at max_tokens, 'stop' below it."""
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= MAX_TOKENS
+    assert finish_reason in ("stop", "length")
+    assert (finish_reason == "length") == (usage.completion_tokens == MAX_TOKENS), (finish_reason, usage)
+
+
+def complete(client):
+    return client.chat.completions.create(model=CHAT_MODEL, temperature=0, seed=7, max_tokens=MAX_TOKENS,
+                                          messages=MESSAGES)
+
+
 def test_chat(client):
-    completion = client.chat.completions.create(
-        model=CHAT_MODEL, temperature=0,
-        messages=[{"role": "system", "content": "You are a helpful assistant."},
-                  {"role": "user", "content": "What is the capital of France?"}])
-    assert "Paris" in completion.choices[0].message.content
-    assert completion.choices[0].finish_reason == "stop"
-    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    completion = complete(client)
+    assert completion.model == CHAT_MODEL and completion.id.startswith("chatcmpl-")
+    [choice] = completion.choices
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.content
+    check_finish(choice.finish_reason, completion.usage)
 
 
 def test_chat_streaming(client):
-    pieces, finish, usage = [], None, None
+    pieces, finish, usage, ids = [], None, None, set()
     for chunk in client.chat.completions.create(
-            model=CHAT_MODEL, temperature=0, stream=True, stream_options={"include_usage": True},
-            messages=[{"role": "system", "content": "You are a helpful assistant."},
-                      {"role": "user", "content": "What is the capital of France?"}]):
+            model=CHAT_MODEL, temperature=0, seed=7, max_tokens=MAX_TOKENS, messages=MESSAGES, stream=True,
+            stream_options={"include_usage": True}):
+        ids.add(chunk.id)
         if chunk.usage:
             usage = chunk.usage
         for choice in chunk.choices:
             pieces.append(choice.delta.content or "")
             finish = choice.finish_reason or finish
-    assert "Paris" in "".join(pieces)
-    assert finish == "stop"
-    assert usage.completion_tokens > 0
+    assert len(ids) == 1 and ids.pop().startswith("chatcmpl-")
+    check_finish(finish, usage)
+    # The same greedy request on the same idle server, not streamed: the same answer.
+    completion = complete(client)
+    assert "".join(pieces) == completion.choices[0].message.content
+    assert finish == completion.choices[0].finish_reason
+    assert usage.completion_tokens == completion.usage.completion_tokens
+    assert usage.prompt_tokens == completion.usage.prompt_tokens
 
 
 def test_models_list(client):

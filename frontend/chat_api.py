@@ -81,7 +81,7 @@ def parse_stop(body: dict) -> list[str]:
 def parse_chat(body: dict) -> ChatCall:
     model = v.string(body, "model")
     messages = parse_messages(body.get("messages"))
-    if body.get("n") not in (None, 1):
+    if v.integer(body, "n", 1) not in (None, 1):
         raise bad_request("'n' must be 1: one choice is generated per request", "n")
     max_tokens = v.integer(body, "max_completion_tokens", 1)
     if max_tokens is None:

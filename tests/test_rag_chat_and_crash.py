@@ -13,7 +13,7 @@ from llama_cpp import Llama
 
 from conftest import CHAT_PATH, EMBED_MODEL, EMBED_PATH, ROOT, ServerProcess, model_config
 from frontend.config import RAG_PROMPT
-from store import Store, db, vec_tables
+from store import db, vec_tables
 from test_rag import PARIS, upload
 
 QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
@@ -89,22 +89,21 @@ def write_corpus(folder, n_files: int):
 
 def consistency(store_path) -> tuple[int, int]:
     """(documents, files) after checking that every document has all its chunks and vectors."""
-    with Store(store_path) as store:
-        conn = db.connect(os.fspath(store_path), busy_timeout_ms=1000)
-        try:
-            assert conn.execute("PRAGMA integrity_check") == [("ok",)]
-            [(collection_id,)] = conn.execute("SELECT id FROM collections")
-            table = vec_tables.table_name(collection_id)
-            chunks = conn.execute("SELECT count(*) FROM chunks")[0][0]
-            vectors = conn.execute(f"SELECT count(*) FROM {table}")[0][0]
-            assert chunks == vectors
-            empty = conn.execute("SELECT count(*) FROM documents d WHERE NOT EXISTS "
-                                 "(SELECT 1 FROM chunks c WHERE c.document_id = d.id)")[0][0]
-            assert empty == 0
-            documents = conn.execute("SELECT count(*) FROM documents")[0][0]
-            files = conn.execute("SELECT count(*) FROM files")[0][0]
-        finally:
-            conn.close()
+    conn = db.connect(os.fspath(store_path), busy_timeout_ms=1000)
+    try:
+        assert conn.execute("PRAGMA integrity_check") == [("ok",)]
+        [(collection_id,)] = conn.execute("SELECT id FROM collections")
+        table = vec_tables.table_name(collection_id)
+        chunks = conn.execute("SELECT count(*) FROM chunks")[0][0]
+        vectors = conn.execute(f"SELECT count(*) FROM {table}")[0][0]
+        assert chunks == vectors
+        empty = conn.execute("SELECT count(*) FROM documents d WHERE NOT EXISTS "
+                             "(SELECT 1 FROM chunks c WHERE c.document_id = d.id)")[0][0]
+        assert empty == 0
+        documents = conn.execute("SELECT count(*) FROM documents")[0][0]
+        files = conn.execute("SELECT count(*) FROM files")[0][0]
+    finally:
+        conn.close()
     return documents, files
 
 

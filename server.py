@@ -30,7 +30,7 @@ from frontend.broker import Broker, BrokerLimits, RemoteListener
 from frontend.chat_api import ChatResponder, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import embeddings_response, parse_embeddings
-from frontend.errors import APIError, bad_request, error_response
+from frontend.errors import APIError, as_api_error, bad_request, error_response
 from frontend.jobs import JobClient, JobRunner, client_gone
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context
 from frontend.supervisor import Supervisor
@@ -64,11 +64,13 @@ class EdgeLLM:
         self.created = int(time.time())
         Path(config.store_path).parent.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.store_path)
+        context = zmq.Context.instance()  # the process's one ZeroMQ context: inproc needs both ends in it
         self.broker = Broker(config.worker_addr, limits=BrokerLimits(config.queue_size, config.queue_timeout),
-                             remote=remote_listener(config))
+                             context=context, remote=remote_listener(config))
         self.supervisor = Supervisor(config.models, self.broker.worker_addr,
                                      verbose=config.log_level == "debug", on_exit=self.broker.worker_exited)
-        self.jobs = JobRunner(self.broker.clients_addr, config.queue_timeout, config.request_timeout)
+        self.jobs = JobRunner(self.broker.clients_addr, config.queue_timeout, config.request_timeout,
+                              context=context)
         self.knowledge = Knowledge(self.store, self.jobs, chunk_capacity=config.chunk_capacity)
         self.url_map = Map([
             Rule("/v1/chat/completions", endpoint="chat_completions", methods=["POST"]),
@@ -168,13 +170,13 @@ class EdgeLLM:
     def ingest_model(self, body_model: str | None, collection: str) -> str:
         """The embedding model for ingesting into a collection: the one it was built with, by default."""
         existing = self.store.get_collection(collection)
-        return self.resolve_model(body_model or (existing.model if existing else None), "embedding")
+        return self.resolve_model(body_model or (existing.model if existing else None), ewp.JOB_EMBEDDING)
 
     # -- chat ----------------------------------------------------------------------------
     def on_chat_completions(self, request: Request) -> Response:
         body = self.json_body(request)
         call = parse_chat(body)
-        model = self.resolve_model(call.model, "chat")
+        model = self.resolve_model(call.model, ewp.JOB_CHAT)
         model_config = self.config.model(model)
         if model_config and model_config.rag_collection and v.boolean(body, "rag", default=True):
             hits = self.knowledge.retrieve(last_user_text(call.job["messages"]), model_config.rag_collection,
@@ -205,8 +207,8 @@ class EdgeLLM:
             yield sse(responder.chunk({}, msg.body["finish_reason"], usage_field=include_usage))
             if include_usage:
                 yield sse(responder.usage_chunk(msg.body["usage"]))
-        except APIError as exc:
-            yield sse(exc.body())
+        except Exception as exc:  # after the 200: the error goes in the stream
+            yield sse(as_api_error(exc).body())
         finally:
             client.close()  # also runs when the client disconnects: the job is cancelled
         yield sse("[DONE]")
@@ -214,18 +216,18 @@ class EdgeLLM:
     # -- embeddings and retrieval --------------------------------------------------------
     def on_embeddings(self, request: Request) -> Response:
         name, inputs, encoding = parse_embeddings(self.json_body(request))
-        model = self.resolve_model(name, "embedding")
-        chunks, done = self.jobs.collect(model, {"kind": "embedding", "input": inputs},
+        model = self.resolve_model(name, ewp.JOB_EMBEDDING)
+        chunks, done = self.jobs.collect(model, {"kind": ewp.JOB_EMBEDDING, "input": inputs},
                                          self.disconnect_check(request))
         return json_response(embeddings_response(model, chunks, done["usage"], encoding))
 
     def on_retrieve(self, request: Request) -> Response:
         body = self.json_body(request)
         call = parse_chat(body)
-        if call.model is not None and self.model_names().get(call.model) == "chat":
+        if call.model is not None and self.model_names().get(call.model) == ewp.JOB_CHAT:
             call.model = None  # a chat model named here (as RAG clients do) leaves the collection's own
         elif call.model is not None:
-            self.resolve_model(call.model, "embedding")
+            self.resolve_model(call.model, ewp.JOB_EMBEDDING)
         limit = v.integer(body, "limit", 1, 1000, default=self.config.retrieve_limit)
         threshold = v.number(body, "score_threshold", -1, 1, default=self.config.score_threshold)
         hits = self.knowledge.retrieve(last_user_text(call.job["messages"]), self.collection_name(body),
@@ -260,7 +262,7 @@ class EdgeLLM:
         capacity = v.integer(body, "chunk_capacity", 1, 100_000, default=self.config.chunk_capacity)
         record = self.store.get_file(file_id)
         text = check_text_file(record.filename, self.store.get_file_content(file_id), self.config.max_file_bytes)
-        model = self.resolve_model(v.string(body, "model"), "embedding")
+        model = self.resolve_model(v.string(body, "model"), ewp.JOB_EMBEDDING)
         chunks = self.knowledge.chunk(model, text, capacity)
         return json_response({"id": record.id, "filename": v.string(body, "filename", record.filename),
                               "chunks": chunks})
@@ -290,8 +292,10 @@ class EdgeLLM:
         snapshot = self.broker.snapshot()
         waiting = [m.name for m in self.config.models
                    if m.workers > 0 and not snapshot.get(m.name, {}).get("workers")]
-        body = {"status": "loading" if waiting else "ok", "waiting_for": waiting, "models": snapshot}
-        return json_response(body, status=503 if waiting else 200)
+        failed = self.supervisor.failed_models()
+        status = "failed" if failed else "loading" if waiting else "ok"
+        body = {"status": status, "waiting_for": waiting, "failed": failed, "models": snapshot}
+        return json_response(body, status=200 if status == "ok" else 503)
 
 
 def _a(word: str) -> str:

@@ -45,12 +45,12 @@ class RemoteListener:
 
 @dataclass(frozen=True)
 class BrokerLimits:
-    queue_size: int = 64  # jobs waiting per model before new ones get 503 at once
-    queue_timeout: float = 30.0  # seconds a job may wait for a free slot
+    queue_size: int  # jobs waiting per model before new ones get 503 at once
+    queue_timeout: float  # seconds a job may wait for a free slot
 
 
 class Broker:
-    def __init__(self, worker_addr: str, *, clients_addr: str | None = None, limits: BrokerLimits = BrokerLimits(),
+    def __init__(self, worker_addr: str, *, limits: BrokerLimits, clients_addr: str | None = None,
                  context: zmq.Context | None = None, remote: RemoteListener | None = None,
                  heartbeat_interval: float = ewp.HEARTBEAT_INTERVAL,
                  heartbeat_liveness: int = ewp.HEARTBEAT_LIVENESS):
@@ -135,7 +135,8 @@ class Broker:
                     self._from_client(self.clients_sock.recv_multipart())
             while not self._exited_pids.empty():
                 pid = self._exited_pids.get()
-                for key in [k for k, w in self.workers.items() if w.info.get("pid") == pid]:
+                # Only workers on the local socket (index 0): a remote worker's pid is another machine's.
+                for key in [k for k, w in self.workers.items() if k[0] == 0 and w.info.get("pid") == pid]:
                     self._drop_worker(key, f"its process {pid} exited")
             now = time.monotonic()
             if now >= next_heartbeat:
@@ -236,13 +237,14 @@ class Broker:
             del self.jobs[job.job_id]
             self._to_client(job.client, ewp.DONE, job.job_id, msg.body)
         elif msg.body["code"] == ewp.WORKER_BUSY:
+            job.attempts -= 1  # it never ran there: the bounce does not use up a move to another worker
             self._pool(job.model).requeue(job)  # its view of free slots was stale: wait for another
         else:
             self._fail(job, msg.body["code"], msg.body["message"], msg.body.get("param"))
 
     def _register(self, identity: WorkerKey, body: dict) -> None:
         model, kind, slots = body.get("model"), body.get("kind"), body.get("slots")
-        if not isinstance(model, str) or not model or kind not in ("chat", "embedding") \
+        if not isinstance(model, str) or not model or kind not in ewp.MODEL_KINDS \
                 or not isinstance(slots, int) or slots < 1:
             log.warning("dropped a READY with a bad body from %s: %r", identity[1].hex(), body)
             return

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from frontend import validation as v
 from frontend.errors import bad_request
+from worker import protocol as ewp
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 SYSTEM_FINGERPRINT = "fp_edgellm_1"
@@ -93,7 +94,7 @@ def parse_chat(body: dict) -> ChatCall:
         v.json_object(options, "'stream_options' field", "stream_options")
         include_usage = v.boolean(options, "include_usage")
     job = {
-        "kind": "chat",
+        "kind": ewp.JOB_CHAT,
         "messages": messages,
         "max_tokens": max_tokens,
         "stop": parse_stop(body),

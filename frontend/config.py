@@ -15,7 +15,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from worker.settings import ModelSettings, server_flags, setting
+from worker import protocol as ewp
+from worker.settings import ModelSettings, field_problems, server_flags, setting
 
 
 class ConfigError(ValueError):
@@ -47,18 +48,19 @@ class ServerConfig:
 
     models: list[ModelConfig]
     host: str = setting("0.0.0.0", flag="--host", help="address to listen on")
-    port: int = setting(8080, flag="--port", type=int, help="HTTP port")
+    port: int = setting(8080, flag="--port", type=int, min=0, max=65535, help="HTTP port")
     worker_addr: str = setting("", flag="--worker-addr",
                                help="ZeroMQ address local workers connect to (default: an ipc socket)")
     # Above max_file_bytes, so that an oversized file gets its own error.
-    max_body_bytes: int = setting(16 * 1024 * 1024, flag="--max-body-bytes", type=int,
+    max_body_bytes: int = setting(16 * 1024 * 1024, flag="--max-body-bytes", type=int, min=1024,
                                   help="largest request body accepted (413 above)")
-    queue_size: int = setting(64, flag="--queue-size", type=int, help="requests waiting per model before 503")
-    queue_timeout: float = setting(30.0, flag="--queue-timeout", type=float,
+    queue_size: int = setting(64, flag="--queue-size", type=int, min=1, help="requests waiting per model before 503")
+    queue_timeout: float = setting(30.0, flag="--queue-timeout", type=float, min=0.1,
                                    help="seconds a request may wait for a free slot before 503")
-    request_timeout: float = setting(120.0, flag="--request-timeout", type=float,
+    request_timeout: float = setting(120.0, flag="--request-timeout", type=float, min=0.1,
                                      help="seconds of silence from a busy worker before 503")
-    log_level: str = setting("info", flag="--log-level", help="debug, info, warning or error")
+    log_level: str = setting("info", flag="--log-level", help="how much to log",
+                             choices=("debug", "info", "warning", "error"))
     remote_worker_addr: str | None = setting(None, flag="--remote-worker-addr",
                                              help="also accept workers from other machines here, "
                                                   "e.g. tcp://0.0.0.0:5555")
@@ -70,17 +72,25 @@ class ServerConfig:
                                                      "connect to the remote worker address")
     store_path: str = setting("data/edgellm.db", flag="--store-path",
                               help="sqlite-vec file for files, documents, chunks and vectors")
-    max_file_bytes: int = setting(10 * 1024 * 1024, flag="--max-file-bytes", type=int,
+    max_file_bytes: int = setting(10 * 1024 * 1024, flag="--max-file-bytes", type=int, min=1,
                                   help="largest uploaded file accepted (413 above)")
     default_collection: str = setting("default", flag="--default-collection",
                                       help="collection used when a request names none")
-    chunk_capacity: int = setting(100, flag="--chunk-capacity", type=int, help="tokens per chunk when ingesting")
-    retrieve_limit: int = setting(5, flag="--limit", type=int, help="retrieved chunks per query")
-    score_threshold: float = setting(0.4, flag="--score-threshold", type=float,
+    chunk_capacity: int = setting(100, flag="--chunk-capacity", type=int, min=1,
+                                  help="tokens per chunk when ingesting")
+    retrieve_limit: int = setting(5, flag="--limit", type=int, min=1, max=1000, help="retrieved chunks per query")
+    score_threshold: float = setting(0.4, flag="--score-threshold", type=float, min=-1.0, max=1.0,
                                      help="lowest cosine score retrieved")
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def problems(self) -> list[str]:
+        found = field_problems(self)
+        if not found and self.max_file_bytes >= self.max_body_bytes:
+            found.append("max_body_bytes must be larger than max_file_bytes, so that an oversized file gets "
+                         "its own error")
+        return found
 
 
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
@@ -100,7 +110,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, help=f"{help_text}; comma-separated, one value or one per model")
     for f in _SERVER_FIELDS:
         default = f" (default {f.default})" if f.default not in (None, "") else ""
-        p.add_argument(f.metadata["flag"], dest=f.name, type=f.metadata["type"],
+        p.add_argument(f.metadata["flag"], dest=f.name, type=f.metadata["type"], choices=f.metadata["choices"],
                        help=f.metadata["help"] + default)
     p.add_argument("--socket-addr", help="HOST:PORT to listen on (LlamaEdge style); overrides --host/--port")
     p.add_argument("--rag-collection", help="chat models: retrieve from this collection for every chat (RAG)")
@@ -117,26 +127,26 @@ def _model_from_table(table: dict, base: Path) -> ModelConfig:
     unknown = set(table) - _MODEL_KEYS
     if unknown:
         raise ConfigError(f"unknown model setting(s) {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
-    if "name" not in table or "path" not in table:
-        raise ConfigError("each [[models]] entry needs a name and a path")
+    if not isinstance(table.get("name"), str) or not isinstance(table.get("path"), str):
+        raise ConfigError("each [[models]] entry needs a name and a path (strings)")
     model = ModelConfig(**table)
     model.path = str((base / model.path).resolve()) if not os.path.isabs(model.path) else model.path
     return model
 
 
-def _models_from_flags(args: argparse.Namespace) -> list[ModelConfig]:
+def _models_from_flags(args: argparse.Namespace, file_models: list[ModelConfig]) -> list[ModelConfig]:
+    """The models: those the flags name (--model-name/--model-path), else the config file's; the
+    other per-model flags then set a value for every model, or one per model."""
     names, paths = _split(args.model_name), _split(args.model_path)
-    if not paths:
-        return []
     if len(names) != len(paths):
         raise ConfigError(f"--model-name lists {len(names)} names but --model-path {len(paths)} paths")
-    models = [ModelConfig(name=n, path=str(Path(p).resolve())) for n, p in zip(names, paths)]
+    models = [ModelConfig(name=n, path=str(Path(p).resolve())) for n, p in zip(names, paths)] or file_models
     for key, flag, convert, _ in server_flags(ModelConfig):
         values = _split(getattr(args, _dest(flag)))
         if not values or key in ("name", "path"):
             continue
         if len(values) not in (1, len(models)):
-            raise ConfigError(f"{flag} needs one value or one per model")
+            raise ConfigError(f"{flag} needs one value or one per model ({len(models)})")
         for i, model in enumerate(models):
             value = values[i if len(values) > 1 else 0]
             try:
@@ -165,17 +175,17 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
             raise ConfigError(f"unknown server setting(s) {sorted(unknown)} in {path}")
         server.update(data)
         models = [_model_from_table(t, path.parent) for t in tables]
-    flag_models = _models_from_flags(args)
-    if flag_models:
-        models = flag_models
-    for model in (m for m in models if m.kind == "chat"):
+    models = _models_from_flags(args, models)
+    for model in (m for m in models if m.kind == ewp.JOB_CHAT):
         model.rag_collection = args.rag_collection or model.rag_collection
         model.rag_policy = args.rag_policy or model.rag_policy
         model.rag_prompt = args.rag_prompt or model.rag_prompt
     if args.socket_addr:
         host, _, port = args.socket_addr.rpartition(":")
+        if not port.isdigit():
+            raise ConfigError(f"--socket-addr needs HOST:PORT, not {args.socket_addr!r}")
         server["host"], server["port"] = host or ServerConfig.host, int(port)
-    if args.config and "store_path" in server and not os.path.isabs(server["store_path"]):
+    if args.config and isinstance(server.get("store_path"), str) and not os.path.isabs(server["store_path"]):
         server["store_path"] = str(Path(args.config).parent / server["store_path"])
     for key in _SERVER_KEYS:
         value = getattr(args, key, None)
@@ -192,6 +202,8 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def validate(config: ServerConfig) -> None:
+    for problem in config.problems():
+        raise ConfigError(problem)
     if config.curve_authorized_keys and not config.curve_secret_key_file:
         raise ConfigError("curve_authorized_keys needs curve_secret_key_file (the server's key pair)")
     if config.curve_secret_key_file and not config.remote_worker_addr:
@@ -210,7 +222,7 @@ def validate(config: ServerConfig) -> None:
             raise ConfigError(f"model {m.name!r}: workers must be 0 or more")
         if m.rag_policy not in RAG_POLICIES:
             raise ConfigError(f"model {m.name!r}: rag_policy must be one of {', '.join(RAG_POLICIES)}")
-        if m.rag_collection and m.kind != "chat":
+        if m.rag_collection and m.kind != ewp.JOB_CHAT:
             raise ConfigError(f"model {m.name!r}: rag_collection applies to chat models only")
         for key in ("cores", "gpus"):
             if getattr(m, key) and len(getattr(m, key)) != m.workers:

@@ -130,17 +130,24 @@ def _from_store(exc: StoreError) -> APIError:
     return APIError(code, str(exc), getattr(exc, "param", None))
 
 
+def as_api_error(exc: BaseException) -> APIError:
+    """Any exception as the APIError a client gets for it (a bug becomes internal_error, logged)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, HTTPException):
+        return _from_http(exc)
+    if isinstance(exc, StoreError):
+        return _from_store(exc)
+    log.exception("unhandled error", exc_info=exc)
+    return APIError("internal_error", f"internal server error: {type(exc).__name__}")
+
+
 def error_response(exc: BaseException) -> Response:
     """Every error leaves the server through here, as JSON; the only place error headers are made."""
     headers = {}
     if isinstance(exc, HTTPException):
         headers = {k: v for k, v in exc.get_headers() if k.lower() == "allow"}  # 405 says what is allowed
-        exc = _from_http(exc)
-    elif isinstance(exc, StoreError):
-        exc = _from_store(exc)
-    elif not isinstance(exc, APIError):
-        log.exception("unhandled error", exc_info=exc)
-        exc = APIError("internal_error", f"internal server error: {type(exc).__name__}")
-    if exc.kind.retryable:
+    error = as_api_error(exc)
+    if error.kind.retryable:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    return Response(json.dumps(exc.body()), status=exc.status, mimetype="application/json", headers=headers)
+    return Response(json.dumps(error.body()), status=error.status, mimetype="application/json", headers=headers)

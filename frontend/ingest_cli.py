@@ -72,14 +72,14 @@ def progress(done: int, total: int, label: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edgellm ingest", description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", help=".txt and .md files, or folders to search for them")
-    p.add_argument("--collection", default="default")
+    p.add_argument("--collection", help="the collection to ingest into (default: the server's default collection)")
     p.add_argument("--server", default="http://localhost:8080", help="the edgellm server (default %(default)s)")
     p.add_argument("--model", help="embedding model (default: the collection's, else the server's first)")
     p.add_argument("--chunk-capacity", type=int, help="tokens per chunk (default: the server's)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for one file")
     args = p.parse_args(argv)
     files = find_files(args.paths)
-    fields = {"collection": args.collection}
+    fields = {"collection": args.collection} if args.collection else {}
     if args.model:
         fields["model"] = args.model
     if args.chunk_capacity:
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.write("\n")
     for line in failures:
         print(f"failed: {line}", file=sys.stderr)
-    print(f"{len(files)} files into collection '{args.collection}': {counts['added']} added, "
+    where = f"collection '{args.collection}'" if args.collection else "the server's default collection"
+    print(f"{len(files)} files into {where}: {counts['added']} added, "
           f"{counts['replaced']} replaced, {counts['unchanged']} unchanged, {counts['failed']} failed; "
           f"{chunks} chunks embedded")
     return 1 if failures else 0

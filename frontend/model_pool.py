@@ -85,10 +85,12 @@ class ModelPool:
         return sent
 
     def expired_jobs(self, now: float) -> list[Job]:
-        """Take out the jobs at the head of the queue that have waited longer than queue_timeout."""
-        expired = []
-        while self.queue and self.queue[0].enqueued + self.queue_timeout < now:
-            expired.append(self.queue.popleft())
+        """Take out every waiting job that has waited longer than queue_timeout. The whole queue is
+        scanned (it holds at most queue_size jobs): a requeued job at its head is younger than the
+        jobs behind it."""
+        expired = [job for job in self.queue if job.enqueued + self.queue_timeout < now]
+        if expired:
+            self.queue = deque(job for job in self.queue if job.enqueued + self.queue_timeout >= now)
         return expired
 
     def expired_workers(self, now: float) -> list[WorkerRecord]:

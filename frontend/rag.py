@@ -15,6 +15,7 @@ from frontend.config import RAG_PROMPT, ModelConfig
 from frontend.errors import APIError, bad_request
 from frontend.jobs import JobRunner
 from store import Hit, Store, content_hash
+from worker import protocol as ewp
 
 log = logging.getLogger("edgellm.rag")
 
@@ -51,7 +52,7 @@ class Knowledge:
         self.chunk_capacity = chunk_capacity
 
     def embed(self, model: str, texts: list) -> tuple[list[list[float]], int]:
-        chunks, done = self.runner.collect(model, {"kind": "embedding", "input": texts})
+        chunks, done = self.runner.collect(model, {"kind": ewp.JOB_EMBEDDING, "input": texts})
         return [c["embedding"] for c in _in_order(chunks, len(texts))], done["usage"]["prompt_tokens"]
 
     def chunk(self, model: str, text: str, capacity: int | None = None) -> list[str]:
@@ -76,7 +77,7 @@ class Knowledge:
         return IngestResult(record.id, filename, collection, str(status), len(chunks), done["usage"]["prompt_tokens"])
 
     def _chunk_job(self, text: str, capacity: int | None, *, embed: bool) -> dict:
-        return {"kind": "chunk", "text": text, "capacity": capacity or self.chunk_capacity, "embed": embed}
+        return {"kind": ewp.JOB_CHUNK, "text": text, "capacity": capacity or self.chunk_capacity, "embed": embed}
 
     def retrieve(self, query: str, collection_name: str, *, model: str | None, limit: int,
                  score_threshold: float) -> list[Hit]:

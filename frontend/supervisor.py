@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from frontend.config import ModelConfig
-from worker.settings import WorkerSettings
+from worker.settings import EXIT_CANNOT_START, WorkerSettings
 
 log = logging.getLogger("edgellm.supervisor")
 
@@ -46,6 +46,7 @@ class ManagedWorker:
     restart_at: float = 0.0
     backoff: float = RESTART_INITIAL
     started_at: float = 0.0
+    given_up: bool = False  # it exited with EXIT_CANNOT_START: restarting would fail the same way
 
 
 class Supervisor:
@@ -67,8 +68,14 @@ class Supervisor:
 
     def _spawn(self, w: ManagedWorker) -> None:
         cmd = worker_command(w.model, self.connect, w.replica, verbose=self.verbose, cores=self.cores[w.model.name])
-        w.process = subprocess.Popen(cmd)
         w.started_at = time.monotonic()
+        try:
+            w.process = subprocess.Popen(cmd)
+        except OSError as exc:  # out of memory or processes: try again later
+            log.error("cannot start worker %d for model %r: %s; retrying in %.0fs", w.replica, w.model.name,
+                      exc, w.backoff)
+            self._schedule_restart(w, w.started_at)
+            return
         log.info("started worker %d for model %r (pid %d)", w.replica, w.model.name, w.process.pid)
 
     def _watch(self) -> None:
@@ -76,18 +83,34 @@ class Supervisor:
             now = time.monotonic()
             for w in self.workers:
                 if w.process is not None and w.process.poll() is not None:
-                    code = w.process.returncode
-                    if now - w.started_at > 60:
-                        w.backoff = RESTART_INITIAL  # it ran fine for a while: not a crash loop
-                    log.error("worker %d for model %r exited with code %s; restarting in %.0fs",
-                              w.replica, w.model.name, code, w.backoff)
-                    if self.on_exit is not None:
-                        self.on_exit(w.process.pid)
-                    w.process = None
-                    w.restart_at = now + w.backoff
-                    w.backoff = min(w.backoff * 2, RESTART_MAX)
-                elif w.process is None and now >= w.restart_at and not self._stop.is_set():
+                    self._exited(w, now)
+                elif w.process is None and not w.given_up and now >= w.restart_at and not self._stop.is_set():
                     self._spawn(w)
+
+    def _exited(self, w: ManagedWorker, now: float) -> None:
+        code = w.process.returncode
+        if self.on_exit is not None:
+            self.on_exit(w.process.pid)
+        w.process = None
+        if code == EXIT_CANNOT_START:
+            w.given_up = True
+            log.error("worker %d for model %r cannot start with its settings (see its log above); not restarting "
+                      "it: fix the configuration and restart the server", w.replica, w.model.name)
+            return
+        if now - w.started_at > 60:
+            w.backoff = RESTART_INITIAL  # it ran fine for a while: not a crash loop
+        log.error("worker %d for model %r exited with code %s; restarting in %.0fs", w.replica, w.model.name, code,
+                  w.backoff)
+        self._schedule_restart(w, now)
+
+    @staticmethod
+    def _schedule_restart(w: ManagedWorker, now: float) -> None:
+        w.restart_at = now + w.backoff
+        w.backoff = min(w.backoff * 2, RESTART_MAX)
+
+    def failed_models(self) -> list[str]:
+        """Models with a worker that cannot start with its settings (and is not restarted)."""
+        return sorted({w.model.name for w in self.workers if w.given_up})
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -62,16 +62,16 @@ def main() -> int:
     cases = again = joined = batched = 0
     for i, prompt in enumerate(PROMPTS):
         for temperature in (0, 0.8):
-            request = {"messages": [{"role": "user", "content": prompt}], "seed": 100 + i,
+            request = {"kind": "chat", "messages": [{"role": "user", "content": prompt}], "seed": 100 + i,
                        "temperature": temperature, "max_tokens": 40}
             first, second = runner.new_id(), runner.new_id()
             alone = runner.run({first: request})[first]
             again += alone == runner.run({second: request})[second]
             generating, joining = runner.new_id(), runner.new_id()
-            other = {"messages": [{"role": "user", "content": BACKGROUND + prompt}], "seed": 7, "max_tokens": 40}
+            other = {"kind": "chat", "messages": [{"role": "user", "content": BACKGROUND + prompt}], "seed": 7, "max_tokens": 40}
             joined += alone == runner.run({generating: other}, later={joining: request})[joining]
             ids = [runner.new_id() for _ in range(4)]
-            neighbours = {job_id: {"messages": [{"role": "user", "content": PROMPTS[(i + n + 1) % len(PROMPTS)]}],
+            neighbours = {job_id: {"kind": "chat", "messages": [{"role": "user", "content": PROMPTS[(i + n + 1) % len(PROMPTS)]}],
                                    "seed": 999 + n, "max_tokens": 40} for n, job_id in enumerate(ids[1:])}
             batched += alone == runner.run({ids[0]: request, **neighbours})[ids[0]]
             cases += 1

@@ -61,8 +61,8 @@ def test_same_requests_under_the_same_load_give_the_same_text(engine):
     same step, give the same text again. A prompt joining mid-generation is served in full: its
     usage matches the same request run alone (its text may differ from alone: llama.cpp's kernels
     pick paths by batch size)."""
-    short = {"messages": [{"role": "user", "content": "Tell me about cats."}], "seed": 7, "max_tokens": 30}
-    medium = {"messages": [{"role": "user", "content": LONG[:1200] + "Summarise."}], "seed": 8, "max_tokens": 10}
+    short = {"kind": "chat", "messages": [{"role": "user", "content": "Tell me about cats."}], "seed": 7, "max_tokens": 30}
+    medium = {"kind": "chat", "messages": [{"role": "user", "content": LONG[:1200] + "Summarise."}], "seed": 8, "max_tokens": 10}
     alone_medium = run(engine, {job_id(2): medium})[job_id(2)]
     first = run(engine, {job_id(3): short}, start_later={job_id(4): medium})
     again = run(engine, {job_id(13): short}, start_later={job_id(14): medium})
@@ -77,8 +77,8 @@ def test_same_requests_under_the_same_load_give_the_same_text(engine):
 def test_long_prompt_is_prefilled_between_other_tokens(engine):
     """A prompt longer than one prefill chunk is spread over steps; the generating job keeps
     getting a token every step meanwhile."""
-    short = {"messages": [{"role": "user", "content": "Tell me about cats."}], "seed": 7, "max_tokens": 30}
-    long = {"messages": [{"role": "user", "content": LONG + "Summarise."}], "seed": 8, "max_tokens": 5}
+    short = {"kind": "chat", "messages": [{"role": "user", "content": "Tell me about cats."}], "seed": 7, "max_tokens": 30}
+    long = {"kind": "chat", "messages": [{"role": "user", "content": LONG + "Summarise."}], "seed": 8, "max_tokens": 5}
     engine.submit(job_id(10), short)
     for _ in range(3):
         engine.step()
@@ -95,7 +95,7 @@ def test_long_prompt_is_prefilled_between_other_tokens(engine):
 
 
 def test_reused_prefix_gives_the_same_answer_as_a_fresh_prefill(engine):
-    long = {"messages": [{"role": "user", "content": LONG + "Summarise."}], "seed": 9, "max_tokens": 10}
+    long = {"kind": "chat", "messages": [{"role": "user", "content": LONG + "Summarise."}], "seed": 9, "max_tokens": 10}
     fresh = make_engine(1)
     cold_text, cold_done = run(fresh, {job_id(20): long})[job_id(20)]
     assert cold_done["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
@@ -105,7 +105,7 @@ def test_reused_prefix_gives_the_same_answer_as_a_fresh_prefill(engine):
 
 
 def test_slot_states_and_cancel_frees_the_slot(engine):
-    engine.submit(job_id(5), {"messages": [{"role": "user", "content": "Write a long story."}]})
+    engine.submit(job_id(5), {"kind": "chat", "messages": [{"role": "user", "content": "Write a long story."}]})
     assert sorted(states(engine), key=lambda s: s.value) == [SlotState.IDLE, SlotState.PREFILLING]
     engine.step()
     assert SlotState.GENERATING in states(engine)
@@ -117,13 +117,13 @@ def test_slot_states_and_cancel_frees_the_slot(engine):
 
 def test_prompt_over_context_is_refused(engine):
     with pytest.raises(JobError) as info:
-        engine.submit(job_id(6), {"messages": [{"role": "user", "content": LONG * 2}]})
+        engine.submit(job_id(6), {"kind": "chat", "messages": [{"role": "user", "content": LONG * 2}]})
     assert info.value.code == "context_length_exceeded"
     assert states(engine) == [SlotState.IDLE, SlotState.IDLE]
 
 
 def test_full_engine_says_busy(engine):
-    request = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    request = {"kind": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     engine.submit(job_id(7), request)
     engine.submit(job_id(8), request)
     with pytest.raises(JobError) as info:
@@ -134,7 +134,7 @@ def test_full_engine_says_busy(engine):
 
 
 def test_a_sampling_failure_fails_only_its_job(engine, monkeypatch):
-    story = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 20}
+    story = {"kind": "chat", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 20}
     engine.submit(job_id(30), story)
     engine.submit(job_id(31), story)
     engine.step()
@@ -156,7 +156,7 @@ def test_a_sampling_failure_fails_only_its_job(engine, monkeypatch):
 
 
 def test_a_failed_decode_fails_the_jobs_in_its_batch_and_the_engine_goes_on(engine, monkeypatch):
-    request = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    request = {"kind": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
     engine.submit(job_id(40), request)
     engine.submit(job_id(41), request)
     real_decode = lc.llama_decode
@@ -168,3 +168,10 @@ def test_a_failed_decode_fails_the_jobs_in_its_batch_and_the_engine_goes_on(engi
     monkeypatch.setattr(chat_engine_module.lc, "llama_decode", real_decode)
     text, done = run(engine, {job_id(42): request})[job_id(42)]
     assert done["usage"]["completion_tokens"] >= 1
+
+
+def test_a_job_of_another_kind_is_refused(engine):
+    with pytest.raises(JobError) as info:
+        engine.submit(job_id(50), {"kind": "embedding", "input": ["hi"]})
+    assert info.value.code == ewp.INVALID_REQUEST
+    assert states(engine) == [SlotState.IDLE, SlotState.IDLE]

@@ -118,3 +118,34 @@ def test_cores():
     assert parse_cores(None) is None
     assert auto_cores(2, [0, 1, 2, 3]) == ["0,1", "2,3"]
     assert auto_cores(3, [0, 1]) == []
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("queue_size = 0", "queue_size must be at least 1"),
+    ("log_level = 'verbose'", "log_level must be one of"),
+    ("retrieve_limit = 0", "retrieve_limit must be at least 1"),
+    ("port = '8080'", "port must be an integer"),
+    ("max_file_bytes = 20000000", "max_body_bytes must be larger than max_file_bytes"),
+    ("[[models]]\nname = 'x'\npath = 'm.gguf'\nctx_size = '2048'", "ctx_size must be an integer"),
+    ("[[models]]\nname = 'x'\npath = 'm.gguf'\nparallel = 8\nbatch_size = 8", "batch_size .8. must be larger"),
+])
+def test_config_file_values_are_checked(tmp_path, model_file, toml, message):
+    config_path = tmp_path / "edgellm.toml"
+    model = f'[[models]]\nname = "m"\npath = "{model_file}"\n'
+    config_path.write_text(toml + "\n" + model if not toml.startswith("[[models]]") else toml + "\n")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match=message):
+        parse("--config", str(config_path))
+
+
+def test_per_model_flags_override_the_config_files_models(tmp_path, model_file):
+    config_path = tmp_path / "edgellm.toml"
+    config_path.write_text(f'[[models]]\nname = "a"\npath = "{model_file}"\n[[models]]\nname = "b"\n'
+                           f'path = "{model_file}"\nparallel = 2\n')
+    a, b = parse("--config", str(config_path), "--parallel", "8").models
+    assert a.parallel == b.parallel == 8
+
+
+def test_socket_addr_without_a_port_is_refused(model_file):
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        parse("--model-name", "m", "--model-path", str(model_file), "--socket-addr", "localhost")

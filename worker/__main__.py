@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from worker.settings import WorkerSettings, parse_cores
+from worker.settings import EXIT_CANNOT_START, WorkerSettings, parse_cores
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,24 +48,24 @@ def main(argv: list[str] | None = None) -> int:
         engine = build_engine(settings.model_settings())
     except ModelLoadError as exc:
         logging.error("%s", exc)
-        return 2
+        return EXIT_CANNOT_START
     curve = None
     if settings.curve_server_key_file or settings.curve_secret_key_file:
         import zmq.auth
         if not (settings.curve_server_key_file and settings.curve_secret_key_file):
             logging.error("CURVE needs both --curve-server-key-file and --curve-secret-key-file")
-            return 2
+            return EXIT_CANNOT_START
         server_public, _ = zmq.auth.load_certificate(settings.curve_server_key_file)
         public, secret = zmq.auth.load_certificate(settings.curve_secret_key_file)
         if secret is None:
             logging.error("%s holds no secret key (use the .key_secret file)", settings.curve_secret_key_file)
-            return 2
+            return EXIT_CANNOT_START
         curve = CurveKeys(server_public=server_public, public=public, secret=secret)
     loop = WorkerLoop(engine, settings.connect, settings.name, curve=curve)
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     signal.signal(signal.SIGINT, lambda *_: loop.stop())
     loop.run()
-    return 0
+    return 1 if loop.failed else 0
 
 
 if __name__ == "__main__":

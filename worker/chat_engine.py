@@ -34,7 +34,7 @@ import llama_cpp as lc
 from worker import protocol as ewp
 from worker.chat_template import ChatTemplate, TemplateError
 from worker.loop import Event, JobError
-from worker.model import LoadedModel
+from worker.model import LoadedModel, ModelLoadError
 from worker.sampling import SamplerChain, SamplingParams
 from worker.settings import ModelSettings
 from worker.text_stream import TextStream
@@ -87,7 +87,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class ChatEngine:
-    kind = "chat"
+    kind = ewp.JOB_CHAT
 
     def __init__(self, settings: ModelSettings):
         self.ctx_size = settings.ctx_size
@@ -101,29 +101,36 @@ class ChatEngine:
         vocab = self.model.vocab
         self.bos_text = self.model.token_text(lc.llama_vocab_bos(vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(vocab))
-        self.template = ChatTemplate(settings.chat_template or self.model.chat_template(),
-                                     bos_token=self.bos_text,
-                                     eos_token=self.model.token_text(lc.llama_vocab_eos(vocab)))
+        try:
+            self.template = ChatTemplate(settings.chat_template or self.model.chat_template(),
+                                         bos_token=self.bos_text,
+                                         eos_token=self.model.token_text(lc.llama_vocab_eos(vocab)))
+        except TemplateError as exc:
+            raise ModelLoadError(str(exc)) from None
         self._slots = [Slot(i) for i in range(self.slots)]
         self._jobs: dict[str, Slot] = {}  # in submission order: prefill is first come, first served
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
 
     # -- engine interface ----------------------------------------------------------------
     def describe(self) -> dict:
-        return {"n_ctx": self.ctx_size, "chat_template": self.template.has_model_template}
+        return {"n_ctx": self.ctx_size}
 
     def busy(self) -> bool:
         return bool(self._jobs)
 
     def submit(self, job_id: str, request: dict) -> None:
+        if request.get("kind") != ewp.JOB_CHAT:
+            raise JobError(ewp.INVALID_REQUEST, f"a chat worker cannot run a {request.get('kind')!r} job")
         prompt = self._prompt_tokens(request.get("messages") or [])
+        if not prompt:
+            raise JobError(ewp.INVALID_REQUEST, "the messages render to an empty prompt", "messages")
         if len(prompt) >= self.ctx_size:
-            raise JobError("context_length_exceeded",
+            raise JobError(ewp.CONTEXT_LENGTH_EXCEEDED,
                            f"the prompt is {len(prompt)} tokens; this model's context holds {self.ctx_size} "
                            "(prompt plus answer): shorten the messages", "messages")
         free = [s for s in self._slots if s.state is SlotState.IDLE]
         if not free:
-            raise JobError("worker_busy", "every slot of this worker is busy")
+            raise JobError(ewp.WORKER_BUSY, "every slot of this worker is busy")
         stop = request.get("stop") or []
         sampler = SamplerChain(SamplingParams.from_request(request), self.model.n_vocab)
         slot = max(free, key=lambda s: self._reusable(s, prompt))
@@ -279,7 +286,7 @@ class ChatEngine:
                 self._forget_cache(slot)
                 slot.state = SlotState.DONE
                 events.append(Event(slot.job.job_id, ewp.ERROR, ewp.error_body(
-                    "internal_error", f"the worker failed while {phase} ({type(exc).__name__}: {exc})")))
+                    ewp.INTERNAL_ERROR, f"the worker failed while {phase} ({type(exc).__name__}: {exc})")))
 
     def _forget_cache(self, slot: Slot) -> None:
         """Drop the sequence's KV cache: after a failure it may not match ``cached``."""
@@ -304,6 +311,6 @@ class ChatEngine:
         try:
             text = self.template.render(messages)
         except TemplateError as exc:
-            raise JobError("invalid_request_error", str(exc), "messages") from None
+            raise JobError(ewp.INVALID_REQUEST, str(exc), "messages") from None
         add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
         return self.model.tokenize(text, add_special=add_bos, parse_special=True)

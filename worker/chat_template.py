@@ -26,7 +26,6 @@ def _raise(message: str):
 class ChatTemplate:
     def __init__(self, source: str | None, *, bos_token: str, eos_token: str):
         self.source = source or PLAIN_TRANSCRIPT
-        self.has_model_template = source is not None
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise

@@ -23,7 +23,7 @@ import llama_cpp as lc
 from store.chunking import split_text
 from worker import protocol as ewp
 from worker.loop import Event, JobError
-from worker.model import LoadedModel
+from worker.model import LoadedModel, ModelLoadError
 from worker.settings import ModelSettings
 
 MAX_SEQUENCES = 64  # sequences in one decode
@@ -55,7 +55,7 @@ class PendingInput:
 
 
 class EmbeddingEngine:
-    kind = "embedding"
+    kind = ewp.JOB_EMBEDDING
 
     def __init__(self, settings: ModelSettings):
         ctx_size = settings.ctx_size
@@ -66,7 +66,7 @@ class EmbeddingEngine:
         # One input may be as long as the model was trained for, and no longer than one decode.
         self.max_input = min(self.model.n_ctx_train or ctx_size, self.model.n_batch, ctx_size)
         if lc.llama_pooling_type(self.model.ctx) == lc.LLAMA_POOLING_TYPE_NONE:
-            raise ValueError(f"{settings.path} has no pooling type: it gives token vectors, not one per input")
+            raise ModelLoadError(f"{settings.path} has no pooling type: it gives token vectors, not one per input")
         self.slots = settings.parallel
         self.n_embd = self.model.n_embd
         self._queue: deque[PendingInput] = deque()
@@ -75,23 +75,23 @@ class EmbeddingEngine:
         self._batch = lc.llama_batch_init(self.model.n_batch, 0, 1)
 
     def describe(self) -> dict:
-        return {"n_ctx": self.max_input, "n_embd": self.n_embd}
+        return {"n_ctx": self.max_input}
 
     def busy(self) -> bool:
         return bool(self._jobs) or bool(self._chunk_jobs)
 
     def submit(self, job_id: str, request: dict) -> None:
-        if request.get("kind") == "chunk":
+        if request.get("kind") == ewp.JOB_CHUNK:
             self._chunk_jobs.append(self._chunk_job(job_id, request))
             return
         inputs = request.get("input")
         if not isinstance(inputs, list) or not inputs:
-            raise JobError("invalid_request_error", "'input' must be a non-empty list", "input")
+            raise JobError(ewp.INVALID_REQUEST, "'input' must be a non-empty list", "input")
         pending = []
         for i, item in enumerate(inputs):
             tokens = self._tokens(item, i)
             if len(tokens) > self.max_input:
-                raise JobError("context_length_exceeded",
+                raise JobError(ewp.CONTEXT_LENGTH_EXCEEDED,
                                f"input[{i}] is {len(tokens)} tokens; this embedding model takes at most "
                                f"{self.max_input} tokens per input: split the text", "input")
             pending.append(tokens)
@@ -148,7 +148,7 @@ class EmbeddingEngine:
             return self.model.tokenize(item, add_special=True, parse_special=False)
         if isinstance(item, list) and all(isinstance(t, int) and 0 <= t < self.model.n_vocab for t in item):
             return list(item)
-        raise JobError("invalid_request_error", f"input[{i}] must be a string or a list of token ids below "
+        raise JobError(ewp.INVALID_REQUEST, f"input[{i}] must be a string or a list of token ids below "
                        f"{self.model.n_vocab}", "input")
 
     def _fill_batch(self, taken: list[PendingInput]) -> None:
@@ -192,15 +192,15 @@ class EmbeddingEngine:
     def _fail(self, job: EmbeddingJob, message: str) -> Event:
         self._jobs.pop(job.job_id, None)
         self._queue = deque(p for p in self._queue if p.job is not job)
-        return Event(job.job_id, ewp.ERROR, ewp.error_body("internal_error", message))
+        return Event(job.job_id, ewp.ERROR, ewp.error_body(ewp.INTERNAL_ERROR, message))
 
     @staticmethod
     def _chunk_job(job_id: str, request: dict) -> ChunkJob:
         if not isinstance(request.get("text"), str):
-            raise JobError("invalid_request_error", "a chunk job needs 'text'", "text")
+            raise JobError(ewp.INVALID_REQUEST, "a chunk job needs 'text'", "text")
         capacity = request.get("capacity")
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-            raise JobError("invalid_request_error", "'chunk_capacity' must be a positive integer",
+            raise JobError(ewp.INVALID_REQUEST, "'chunk_capacity' must be a positive integer",
                            "chunk_capacity")
         return ChunkJob(job_id, request["text"], capacity, bool(request.get("embed")))
 
@@ -213,7 +213,7 @@ class EmbeddingEngine:
         try:
             chunks = split_text(job.text, min(job.capacity, self.max_input), count)
         except ValueError as exc:
-            return [Event(job.job_id, ewp.ERROR, ewp.error_body("invalid_request_error", str(exc), "chunk_capacity"))]
+            return [Event(job.job_id, ewp.ERROR, ewp.error_body(ewp.INVALID_REQUEST, str(exc), "chunk_capacity"))]
         if job.embed and chunks:
             inputs = [self.model.tokenize(c, add_special=True, parse_special=False) for c in chunks]
             self._enqueue(EmbeddingJob(job.job_id, len(chunks), sum(map(len, inputs)), texts=chunks), inputs)

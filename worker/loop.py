@@ -85,6 +85,7 @@ class WorkerLoop:
         self.running = threading.Event()
         self.running.set()
         self.jobs: set[str] = set()
+        self.failed = False  # the connection thread gave up: the process should exit non-zero
         self._pipe_addr = f"inproc://edgellm-worker-{self.worker_id}"
 
     def stop(self) -> None:
@@ -102,7 +103,7 @@ class WorkerLoop:
                 timeout_ms = 0 if self.engine.busy() else 100
                 if pipe.poll(timeout_ms, zmq.POLLIN):
                     while pipe.poll(0, zmq.POLLIN):
-                        self._handle(pipe, ewp.decode(pipe.recv_multipart()))
+                        self._handle_safely(pipe, pipe.recv_multipart())
                 if self.engine.busy():
                     self._step(pipe)
         finally:
@@ -117,15 +118,37 @@ class WorkerLoop:
             log.exception("worker %s: the engine's step failed; failing its %d job(s)", self.worker_id,
                           len(self.jobs))
             events = [Event(job_id, ewp.ERROR, ewp.error_body(
-                "internal_error", f"the worker failed ({type(exc).__name__}); please retry")) for job_id in self.jobs]
-            for job_id in self.jobs:
-                self.engine.abort(job_id)
+                ewp.INTERNAL_ERROR, f"the worker failed ({type(exc).__name__}); please retry")) for job_id in self.jobs]
+            self._abort_all()
         for event in events:
             if event.job_id not in self.jobs:
                 continue  # already answered
             if event.command in (ewp.DONE, ewp.ERROR):
                 self.jobs.discard(event.job_id)
             pipe.send_multipart(ewp.encode(event.command, event.job_id, event.body))
+
+    def _abort_all(self) -> None:
+        for job_id in self.jobs:
+            try:
+                self.engine.abort(job_id)
+            except Exception:
+                log.exception("worker %s: aborting job %s failed", self.worker_id, job_id)
+
+    def _handle_safely(self, pipe: zmq.Socket, frames: list[bytes]) -> None:
+        """Handle one message from the connection thread; a failure answers its job, never ends the loop."""
+        try:
+            msg = ewp.decode(frames)
+        except ewp.ProtocolError as exc:
+            log.warning("worker %s: dropped a bad message: %s", self.worker_id, exc)
+            return
+        try:
+            self._handle(pipe, msg)
+        except Exception as exc:
+            log.exception("worker %s: handling %s failed", self.worker_id, msg.name)
+            if msg.job_id is not None and msg.job_id in self.jobs:
+                self.jobs.discard(msg.job_id)
+                pipe.send_multipart(ewp.encode(ewp.ERROR, msg.job_id, ewp.error_body(
+                    ewp.INTERNAL_ERROR, f"the worker failed ({type(exc).__name__}); please retry")))
 
     def _handle(self, pipe: zmq.Socket, msg: ewp.Message) -> None:
         if msg.command == ewp.JOB:
@@ -134,8 +157,7 @@ class WorkerLoop:
             if msg.job_id in self.jobs:
                 self.engine.cancel(msg.job_id)
         elif msg.command == ewp.DISCONNECT:  # the broker went away and forgot our jobs
-            for job_id in self.jobs:
-                self.engine.abort(job_id)
+            self._abort_all()
             self.jobs.clear()
 
     def _start_job(self, pipe: zmq.Socket, job_id: str, request: dict) -> None:
@@ -150,7 +172,7 @@ class WorkerLoop:
         except Exception as exc:  # a bug in the engine must not kill the worker
             log.exception("worker %s: job %s failed to start", self.worker_id, job_id)
             pipe.send_multipart(ewp.encode(ewp.ERROR, job_id,
-                                           ewp.error_body("internal_error", f"worker error: {exc}")))
+                                           ewp.error_body(ewp.INTERNAL_ERROR, f"worker error: {exc}")))
             return
         self.jobs.add(job_id)
 
@@ -175,12 +197,20 @@ class WorkerLoop:
         return sock
 
     def _connection_loop(self) -> None:
+        try:
+            self._connect_and_relay()
+        except Exception:  # e.g. a bad address or key: without a connection the worker is useless
+            log.exception("worker %s: the connection to %s failed; stopping", self.worker_id, self.connect)
+            self.failed = True
+            self.running.clear()
+
+    def _connect_and_relay(self) -> None:
         pipe = self.context.socket(zmq.PAIR)
         pipe.setsockopt(zmq.LINGER, 0)
         pipe.connect(self._pipe_addr)
         broker = self._open()
         backoff = ewp.RECONNECT_INITIAL
-        liveness = ewp.HEARTBEAT_INTERVAL * ewp.HEARTBEAT_LIVENESS
+        liveness = ewp.SILENCE_LIMIT
         broker_expiry = time.monotonic() + liveness
         next_heartbeat = time.monotonic()
         poller = zmq.Poller()

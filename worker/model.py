@@ -73,7 +73,6 @@ class LoadedModel:
         if not self.ctx:
             lc.llama_model_free(self.model)
             raise ModelLoadError(f"llama.cpp could not create a context for {path} (n_ctx={n_ctx})")
-        self.n_ctx = lc.llama_n_ctx(self.ctx)
         self.n_batch = lc.llama_n_batch(self.ctx)
         self.memory = lc.llama_get_memory(self.ctx)
         self._piece_buf = ctypes.create_string_buffer(256)

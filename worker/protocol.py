@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import json
 import math
-import logging
 import re
 from dataclasses import dataclass
 
@@ -95,17 +94,26 @@ _LAYOUT = {
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats, both ways
 HEARTBEAT_LIVENESS = 3  # intervals of silence after which a peer is dead
+SILENCE_LIMIT = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS  # seconds of silence after which a peer is dead
 RECONNECT_INITIAL = 0.25  # seconds; a worker's first reconnect delay
 RECONNECT_MAX = 8.0  # seconds; reconnect delays double up to this
 
 # The codes a worker may put in an ERROR body; an ERROR with any other code is a malformed reply.
 # (The front end's error table, frontend/errors.py, gives each one its HTTP status.)
+# Error codes a worker may send in ERROR (frontend/errors.py maps every code to an HTTP status).
+INVALID_REQUEST = "invalid_request_error"
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+INTERNAL_ERROR = "internal_error"
 WORKER_BUSY = "worker_busy"  # no free slot after all: the broker gives the job to another worker
-ERROR_CODES = frozenset({"invalid_request_error", "context_length_exceeded", "internal_error", WORKER_BUSY})
+ERROR_CODES = frozenset({INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED, INTERNAL_ERROR, WORKER_BUSY})
+
+# The kinds of model a worker serves (READY "kind") and of job it runs (JOB "kind").
+JOB_CHAT = "chat"
+JOB_EMBEDDING = "embedding"
+JOB_CHUNK = "chunk"  # for an embedding worker: split a document, and with "embed" embed its chunks too
+MODEL_KINDS = (JOB_CHAT, JOB_EMBEDDING)
 
 _JOB_ID = re.compile(rb"\A[0-9a-f]{32}\Z")
-
-log = logging.getLogger("edgellm.protocol")
 
 
 class ProtocolError(ValueError):

@@ -16,45 +16,75 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, dataclass, field, fields
 
-KINDS = ("chat", "embedding")
+from worker.protocol import JOB_CHAT, MODEL_KINDS as KINDS
+
+# A worker's exit status when it cannot start with its settings (model file, template...):
+# starting it again would fail the same way, so the supervisor does not.
+EXIT_CANNOT_START = 2
 
 
 def setting(default=MISSING, *, flag: str, help: str, type=str, server_flag: str | None = "same",
-            kw_only: bool = False):
-    """A dataclass field with its command-line form. ``server_flag`` names the server's
-    comma-separated per-model flag (None: no such flag)."""
+            kw_only: bool = False, min=None, max=None, choices=None):
+    """A dataclass field with its command-line form and its valid values. ``server_flag`` names the
+    server's comma-separated per-model flag (None: no such flag)."""
     return field(default=default, kw_only=kw_only,
-                 metadata={"flag": flag, "help": help, "type": type,
+                 metadata={"flag": flag, "help": help, "type": type, "min": min, "max": max, "choices": choices,
                            "server_flag": flag if server_flag == "same" else server_flag})
+
+
+def field_problems(obj) -> list[str]:
+    """What is wrong with the values of ``obj``'s setting() fields (type, range, choices), in words.
+    Values may come from a TOML file, so their types are checked too."""
+    found = []
+    for f in fields(obj):
+        meta, value = f.metadata, getattr(obj, f.name)
+        if "flag" not in meta or (value is None and f.default is None):
+            continue
+        kind = meta["type"]
+        if not _is_a(value, kind):
+            found.append(f"{f.name} must be {_TYPE_NAMES[kind]}, not {value!r}")
+        elif meta["choices"] is not None and value not in meta["choices"]:
+            found.append(f"{f.name} must be one of {', '.join(map(str, meta['choices']))}, not {value!r}")
+        elif meta["min"] is not None and value < meta["min"]:
+            found.append(f"{f.name} must be at least {meta['min']}, not {value}")
+        elif meta["max"] is not None and value > meta["max"]:
+            found.append(f"{f.name} must be at most {meta['max']}, not {value}")
+    return found
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _is_a(value, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 @dataclass
 class ModelSettings:
     name: str = setting(flag="--model-name", help="the name clients use in 'model'")
     path: str = setting(flag="--model-path", help="the GGUF file")
-    kind: str = setting("chat", flag="--kind", server_flag="--model-kind", help="chat or embedding")
-    ctx_size: int = setting(2048, flag="--ctx-size", type=int,
-                             help="tokens one request may use (prompt plus answer)")
-    batch_size: int = setting(512, flag="--batch-size", type=int, help="most tokens in one llama_decode")
-    parallel: int = setting(1, flag="--parallel", type=int, help="requests one worker decodes together (slots)")
-    threads: int | None = setting(None, flag="--threads", type=int,
-                                   help="threads per worker (default: its pinned cores, else all cores)")
-    n_gpu_layers: int = setting(0, flag="--n-gpu-layers", type=int, help="layers to offload to the GPU")
+    kind: str = setting(JOB_CHAT, flag="--kind", server_flag="--model-kind", help=" or ".join(KINDS), choices=KINDS)
+    ctx_size: int = setting(2048, flag="--ctx-size", type=int, min=1,
+                            help="tokens one request may use (prompt plus answer)")
+    batch_size: int = setting(512, flag="--batch-size", type=int, min=1, help="most tokens in one llama_decode")
+    parallel: int = setting(1, flag="--parallel", type=int, min=1,
+                            help="requests one worker decodes together (slots)")
+    threads: int | None = setting(None, flag="--threads", type=int, min=1,
+                                  help="threads per worker (default: its pinned cores, else all cores)")
+    n_gpu_layers: int = setting(0, flag="--n-gpu-layers", type=int, min=0, help="layers to offload to the GPU")
     chat_template: str | None = setting(None, flag="--chat-template", server_flag=None,
-                                         help="a Jinja chat template overriding the model's")
+                                        help="a Jinja chat template overriding the model's")
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, in words; empty when they are usable."""
-        found = []
-        if self.kind not in KINDS:
-            found.append(f"kind must be 'chat' or 'embedding', not {self.kind!r}")
-        for key in ("ctx_size", "batch_size", "parallel"):
-            if getattr(self, key) < 1:
-                found.append(f"{key} must be at least 1")
-        if self.threads is not None and self.threads < 1:
-            found.append("threads must be at least 1")
-        if self.n_gpu_layers < 0:
-            found.append("n_gpu_layers must be 0 or more")
+        found = field_problems(self)
+        if not found and self.kind == JOB_CHAT and self.batch_size <= self.parallel:
+            found.append(f"batch_size ({self.batch_size}) must be larger than parallel ({self.parallel}): "
+                         "every step holds one token per slot plus prompt")
         return found
 
     def model_settings(self) -> ModelSettings:
@@ -89,7 +119,7 @@ class WorkerSettings(ModelSettings):
             required = f.default is MISSING
             parser.add_argument(meta["flag"], dest=f.name, type=meta["type"], required=required,
                                 default=None if f.default is MISSING else f.default,
-                                choices=KINDS if f.name == "kind" else None, help=meta["help"])
+                                choices=meta["choices"], help=meta["help"])
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerSettings:

@@ -1,0 +1,66 @@
+"""ModelPool (fast, no sockets): which worker gets a job, requeueing, and which jobs expire."""
+
+from __future__ import annotations
+
+from frontend.model_pool import Job, ModelPool, WorkerRecord
+
+
+def worker(name: str, slots: int) -> WorkerRecord:
+    return WorkerRecord(identity=(0, name.encode()), model="m", kind="chat", slots=slots, info={})
+
+
+def job(n: int, enqueued: float = 0.0) -> Job:
+    return Job(job_id=f"{n:032x}", client=b"c", model="m", body={}, enqueued=enqueued)
+
+
+def test_dispatch_goes_to_the_worker_with_most_free_slots_oldest_job_first():
+    pool = ModelPool("m", queue_size=8, queue_timeout=30)
+    small, big = worker("small", 1), worker("big", 3)
+    pool.add(small)
+    pool.add(big)
+    for n in range(5):
+        pool.enqueue(job(n))
+    sent = pool.dispatch()
+    assert [j.job_id for _, j in sent] == [f"{n:032x}" for n in range(4)]  # 4 slots in all
+    assert [w for w, _ in sent][:2] == [big, big]  # 3 free beats 1 free, then 2 beats 1
+    assert small.free() == 0 and big.free() == 0
+    assert len(pool.queue) == 1 and all(j.attempts == 1 for _, j in sent)
+
+
+def test_full_queue_and_withdraw():
+    pool = ModelPool("m", queue_size=2, queue_timeout=30)
+    first, second = job(1), job(2)
+    pool.enqueue(first)
+    assert not pool.full()
+    pool.enqueue(second)
+    assert pool.full()
+    pool.withdraw(first)
+    assert list(pool.queue) == [second] and not pool.full()
+
+
+def test_a_requeued_job_goes_first_and_does_not_hide_older_expired_jobs():
+    pool = ModelPool("m", queue_size=8, queue_timeout=30)
+    old_a, old_b, fresh = job(1, enqueued=0.0), job(2, enqueued=1.0), job(3, enqueued=50.0)
+    pool.enqueue(old_a)
+    pool.enqueue(old_b)
+    fresh.worker = (0, b"dead")
+    pool.requeue(fresh)
+    assert pool.queue[0] is fresh and fresh.worker is None
+    assert pool.expired_jobs(now=40.0) == [old_a, old_b]
+    assert list(pool.queue) == [fresh]
+    assert pool.expired_jobs(now=60.0) == []
+
+
+def test_expired_workers_and_snapshot():
+    pool = ModelPool("m", queue_size=8, queue_timeout=30)
+    assert pool.snapshot() is None
+    alive, silent = worker("alive", 2), worker("silent", 2)
+    alive.expiry, silent.expiry = 100.0, 10.0
+    pool.add(alive)
+    pool.add(silent)
+    assert pool.expired_workers(now=50.0) == [silent]
+    pool.remove(silent)
+    pool.enqueue(job(1))
+    snapshot = pool.snapshot()
+    assert snapshot["slots"] == 2 and snapshot["free_slots"] == 2 and snapshot["queued"] == 1
+    assert snapshot["kind"] == "chat" and len(snapshot["workers"]) == 1

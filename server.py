@@ -26,6 +26,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from frontend import validation as v
+from frontend.access import AccessPolicy, exposure_warnings
 from frontend.broker import Broker, BrokerLimits, RemoteListener
 from frontend.chat_api import ChatResponder, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
@@ -72,6 +73,8 @@ class EdgeLLM:
         self.jobs = JobRunner(self.broker.clients_addr, config.queue_timeout, config.request_timeout,
                               context=context)
         self.knowledge = Knowledge(self.store, self.jobs, chunk_capacity=config.chunk_capacity)
+        self.access = AccessPolicy(api_keys=config.api_keys, cors_origins=config.cors_origins,
+                                   allowed_hosts=config.allowed_hosts, bind_host=config.host)
         self.url_map = Map([
             Rule("/v1/chat/completions", endpoint="chat_completions", methods=["POST"]),
             Rule("/v1/embeddings", endpoint="embeddings", methods=["POST"]),
@@ -102,10 +105,14 @@ class EdgeLLM:
     def dispatch_request(self, request: Request) -> Response:
         adapter = self.url_map.bind_to_environ(request.environ)
         try:
-            endpoint, values = adapter.match()
-            return getattr(self, f"on_{endpoint}")(request, **values)
+            # Access control for every route, before any of them runs (frontend/access.py).
+            response = self.access.admit(request, adapter.allowed_methods)
+            if response is None:
+                endpoint, values = adapter.match()
+                response = getattr(self, f"on_{endpoint}")(request, **values)
         except Exception as exc:  # HTTPException, APIError, StoreError and bugs alike
-            return error_response(exc)
+            response = error_response(exc)
+        return self.access.add_cors_headers(request, response)
 
     def wsgi_app(self, environ, start_response):
         request = Request(environ)
@@ -294,7 +301,9 @@ class EdgeLLM:
                    if m.workers > 0 and not snapshot.get(m.name, {}).get("workers")]
         failed = self.supervisor.failed_models()
         status = "failed" if failed else "loading" if waiting else "ok"
-        body = {"status": status, "waiting_for": waiting, "failed": failed, "models": snapshot}
+        body = {"status": status, "waiting_for": waiting, "failed": failed}
+        if self.access.authorized(request):  # pids, worker ids and slots only for callers with a key
+            body["models"] = snapshot
         return json_response(body, status=200 if status == "ok" else 503)
 
 
@@ -329,6 +338,8 @@ def serve(argv: list[str]) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for warning in exposure_warnings(config.host, config.api_keys, config.cors_origins):
+        log.warning(warning)
     try:
         app = create_app(config).start()
     except StoreError as exc:

@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from frontend.access import api_key_problem, host_setting_problem, origin_setting_problem
 from worker import protocol as ewp
 from worker.settings import ModelSettings, field_problems, server_flags, setting
 
@@ -23,6 +24,7 @@ class ConfigError(ValueError):
     pass
 
 
+API_KEY_ENV = "EDGELLM_API_KEY"  # one more accepted API key, read once at start-up
 RAG_POLICIES = ("system-message", "last-user-message")  # the first is the default
 RAG_PROMPT = ("Use the following context to answer the question. If the context does not contain the "
               "answer, say that you do not know.\n----------------\n")
@@ -44,10 +46,12 @@ class ModelConfig(ModelSettings):
 
 @dataclass
 class ServerConfig:
-    """Server-wide settings: the config file's top-level keys and the server's flags, one field each."""
+    """Server-wide settings: the config file's top-level keys and the server's flags, one field each.
+    A tuple default makes a list setting: a TOML list, or the flag repeated or comma-separated."""
 
     models: list[ModelConfig]
-    host: str = setting("0.0.0.0", flag="--host", help="address to listen on")
+    host: str = setting("127.0.0.1", flag="--host",
+                        help="address to listen on (0.0.0.0: every interface, set an API key then)")
     port: int = setting(8080, flag="--port", type=int, min=0, max=65535, help="HTTP port")
     worker_addr: str = setting("", flag="--worker-addr",
                                help="ZeroMQ address local workers connect to (default: an ipc socket)")
@@ -81,6 +85,18 @@ class ServerConfig:
     retrieve_limit: int = setting(5, flag="--limit", type=int, min=1, max=1000, help="retrieved chunks per query")
     score_threshold: float = setting(0.4, flag="--score-threshold", type=float, min=-1.0, max=1.0,
                                      help="lowest cosine score retrieved")
+    api_keys: tuple[str, ...] = setting((), flag="--api-key",
+                                        help="require this API key (Authorization: Bearer KEY) on every "
+                                             "request but /health; repeat for several")
+    api_key_file: str | None = setting(None, flag="--api-key-file",
+                                       help="file of API keys, one per line (blank lines and # comments "
+                                            f"ignored); added to --api-key and {API_KEY_ENV}")
+    cors_origins: tuple[str, ...] = setting((), flag="--cors-origins",
+                                            help="web origins (scheme://host[:port]) whose pages may call the "
+                                                 "API from a browser, comma-separated, or *")
+    allowed_hosts: tuple[str, ...] = setting((), flag="--allowed-hosts",
+                                             help="host names clients may reach this server by when no API key "
+                                                  "is set (loopback names always), comma-separated, or *")
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -96,6 +112,7 @@ class ServerConfig:
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 _SERVER_FIELDS = [f for f in fields(ServerConfig) if f.name != "models"]
 _SERVER_KEYS = {f.name for f in _SERVER_FIELDS}
+_LIST_KEYS = {f.name for f in _SERVER_FIELDS if isinstance(f.default, tuple)}
 
 
 def default_worker_addr(port: int) -> str:
@@ -109,9 +126,9 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     for _, flag, _, help_text in server_flags(ModelConfig):
         p.add_argument(flag, help=f"{help_text}; comma-separated, one value or one per model")
     for f in _SERVER_FIELDS:
-        default = f" (default {f.default})" if f.default not in (None, "") else ""
+        default = f" (default {f.default})" if f.default not in (None, "", ()) else ""
         p.add_argument(f.metadata["flag"], dest=f.name, type=f.metadata["type"], choices=f.metadata["choices"],
-                       help=f.metadata["help"] + default)
+                       action="append" if f.name in _LIST_KEYS else "store", help=f.metadata["help"] + default)
     p.add_argument("--socket-addr", help="HOST:PORT to listen on (LlamaEdge style); overrides --host/--port")
     p.add_argument("--rag-collection", help="chat models: retrieve from this collection for every chat (RAG)")
     p.add_argument("--rag-policy", choices=RAG_POLICIES,
@@ -156,11 +173,33 @@ def _models_from_flags(args: argparse.Namespace, file_models: list[ModelConfig])
     return models
 
 
+def _list_setting(key: str, value) -> tuple[str, ...]:
+    """A list setting's values, from a TOML list or string or the repeated flag, each item comma-separated."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{key} must be a list of strings")
+    return tuple(dict.fromkeys(part for item in items for part in _split(item) if part))
+
+
+def _read_key_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the API key file {path}: {exc}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"the API key file {path} holds no key (one per line; # starts a comment)")
+    return keys
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def load_config(args: argparse.Namespace) -> ServerConfig:
+def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerConfig:
+    """The server's configuration from its flags, the config file they name, and ``environ``
+    (default os.environ: EDGELLM_API_KEY)."""
+    environ = os.environ if environ is None else environ
     server: dict = {}
     models: list[ModelConfig] = []
     if args.config:
@@ -185,12 +224,21 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         if not port.isdigit():
             raise ConfigError(f"--socket-addr needs HOST:PORT, not {args.socket_addr!r}")
         server["host"], server["port"] = host or ServerConfig.host, int(port)
-    if args.config and isinstance(server.get("store_path"), str) and not os.path.isabs(server["store_path"]):
-        server["store_path"] = str(Path(args.config).parent / server["store_path"])
+    for key in ("store_path", "api_key_file"):
+        if args.config and isinstance(server.get(key), str) and server[key] and not os.path.isabs(server[key]):
+            server[key] = str(Path(args.config).parent / server[key])
     for key in _SERVER_KEYS:
         value = getattr(args, key, None)
         if value is not None and not (key in ("host", "port") and args.socket_addr):
             server[key] = value
+    for key in _LIST_KEYS & server.keys():
+        server[key] = _list_setting(key, server[key])
+    keys = list(server.get("api_keys", ()))
+    if server.get("api_key_file"):
+        keys += _read_key_file(server["api_key_file"])
+    if environ.get(API_KEY_ENV, "").strip():
+        keys.append(environ[API_KEY_ENV].strip())
+    server["api_keys"] = tuple(dict.fromkeys(keys))
     if not models:
         raise ConfigError("no model configured: pass --model-name and --model-path, or --config FILE "
                           "(scripts/serve.sh does this for the default models)")
@@ -208,6 +256,11 @@ def validate(config: ServerConfig) -> None:
         raise ConfigError("curve_authorized_keys needs curve_secret_key_file (the server's key pair)")
     if config.curve_secret_key_file and not config.remote_worker_addr:
         raise ConfigError("CURVE keys apply to remote workers: set remote_worker_addr too")
+    problems = [api_key_problem(k) for k in config.api_keys]
+    problems += [origin_setting_problem(o) for o in config.cors_origins]
+    problems += [host_setting_problem(h) for h in config.allowed_hosts]
+    for problem in filter(None, problems):
+        raise ConfigError(problem)
     seen = set()
     for m in config.models:
         if m.name in seen:

@@ -32,6 +32,8 @@ class ErrorKind:
 _CLIENT = "invalid_request_error"
 _NOT_FOUND = "not_found_error"
 _SERVER = "server_error"
+_AUTH = "authentication_error"
+_PERMISSION = "permission_error"
 
 ERRORS: dict[str, ErrorKind] = {
     # HTTP layer (routing, bodies, uploads)
@@ -39,6 +41,10 @@ ERRORS: dict[str, ErrorKind] = {
     "method_not_allowed": ErrorKind(405, _CLIENT),
     "request_too_large": ErrorKind(413, _CLIENT),
     "http_error": ErrorKind(400, _CLIENT),  # any other client error Werkzeug raises
+    # access control (frontend/access.py)
+    "invalid_api_key": ErrorKind(401, _AUTH),  # the response carries WWW-Authenticate
+    "origin_not_allowed": ErrorKind(403, _PERMISSION),
+    "host_not_allowed": ErrorKind(403, _PERMISSION),
     "invalid_json": ErrorKind(400, _CLIENT),
     "invalid_request_error": ErrorKind(400, _CLIENT),
     "model_not_found": ErrorKind(500, _SERVER),  # 500, as the LlamaEdge spec documents
@@ -150,4 +156,6 @@ def error_response(exc: BaseException) -> Response:
     error = as_api_error(exc)
     if error.kind.retryable:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    if error.code == "invalid_api_key":
+        headers["WWW-Authenticate"] = 'Bearer realm="edgellm"'
     return Response(json.dumps(error.body()), status=error.status, mimetype="application/json", headers=headers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -17,7 +18,12 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from frontend.config import API_KEY_ENV
 from frontend.rag import TEXT_SUFFIXES
+
+
+class AccessDenied(Exception):
+    """The server refused this client (401/403): every other file would be refused too."""
 
 
 def find_files(paths: list[str]) -> list[Path]:
@@ -45,10 +51,14 @@ def multipart(fields: dict[str, str], filename: str, data: bytes) -> tuple[bytes
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def send(server: str, fields: dict[str, str], filename: str, data: bytes, timeout: float) -> dict:
+def send(server: str, fields: dict[str, str], filename: str, data: bytes, timeout: float,
+         api_key: str | None = None) -> dict:
     body, content_type = multipart(fields, filename, data)
+    headers = {"Content-Type": content_type}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(f"{server.rstrip('/')}/v1/create/rag", data=body, method="POST",
-                                      headers={"Content-Type": content_type})
+                                      headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
@@ -57,6 +67,8 @@ def send(server: str, fields: dict[str, str], filename: str, data: bytes, timeou
             message = json.loads(exc.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = exc.reason
+        if exc.code in (401, 403):
+            raise AccessDenied(f"HTTP {exc.code}: {message}") from None
         return {"status": "failed", "error": f"HTTP {exc.code}: {message}"}
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         return {"status": "failed", "error": f"cannot reach {server}: {exc}"}
@@ -77,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="embedding model (default: the collection's, else the server's first)")
     p.add_argument("--chunk-capacity", type=int, help="tokens per chunk (default: the server's)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for one file")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, "").strip() or None,
+                   help=f"the server's API key (default: ${API_KEY_ENV})")
     args = p.parse_args(argv)
     files = find_files(args.paths)
     fields = {"collection": args.collection} if args.collection else {}
@@ -89,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for i, path in enumerate(files):
         progress(i, len(files), path.name)
-        result = send(args.server, fields, str(path), path.read_bytes(), args.timeout)
+        try:
+            result = send(args.server, fields, str(path), path.read_bytes(), args.timeout, args.api_key)
+        except AccessDenied as exc:
+            sys.stderr.write("\n")
+            hint = "" if args.api_key else f" (pass --api-key KEY or set {API_KEY_ENV})"
+            print(f"edgellm ingest: the server refused access: {exc}{hint}", file=sys.stderr)
+            return 2
         counts[result["status"]] += 1
         if result["status"] == "failed":
             failures.append(f"{path}: {result['error']}")

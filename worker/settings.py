@@ -41,7 +41,10 @@ def field_problems(obj) -> list[str]:
         if "flag" not in meta or (value is None and f.default is None):
             continue
         kind = meta["type"]
-        if not _is_a(value, kind):
+        if isinstance(f.default, tuple):  # a list setting
+            if not isinstance(value, (list, tuple)) or not all(_is_a(item, kind) for item in value):
+                found.append(f"{f.name} must be a list of {_TYPE_NAMES[kind].split(' ', 1)[1]}s, not {value!r}")
+        elif not _is_a(value, kind):
             found.append(f"{f.name} must be {_TYPE_NAMES[kind]}, not {value!r}")
         elif meta["choices"] is not None and value not in meta["choices"]:
             found.append(f"{f.name} must be one of {', '.join(map(str, meta['choices']))}, not {value!r}")

@@ -78,6 +78,19 @@ class ServerConfig:
     retrieve_limit: int = setting(5, flag="--limit", type=int, help="retrieved chunks per query")
     score_threshold: float = setting(0.4, flag="--score-threshold", type=float,
                                      help="lowest cosine score retrieved")
+    # Request limits (README, "Security"): checked in the front end before any tokenizing.
+    max_json_depth: int = setting(64, flag="--max-json-depth", type=int,
+                                  help="deepest nesting of arrays and objects in a JSON body (400 above)")
+    max_messages: int = setting(1024, flag="--max-messages", type=int,
+                                help="most messages in one chat request (400 above)")
+    chars_per_token: int = setting(8, flag="--chars-per-token", type=int,
+                                   help="the most characters one token is taken to stand for: a prompt of more "
+                                        "than the context's tokens times this is refused untokenized (400)")
+    max_embedding_inputs: int = setting(2048, flag="--max-embedding-inputs", type=int,
+                                        help="most inputs in one embeddings request (400 above)")
+    max_embedding_chars: int = setting(1_000_000, flag="--max-embedding-chars", type=int,
+                                       help="most characters in one embeddings request's inputs, a token id "
+                                            "counting as chars_per_token (413 above)")
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -192,6 +205,10 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def validate(config: ServerConfig) -> None:
+    for key in ("max_body_bytes", "max_json_depth", "max_messages", "chars_per_token", "max_embedding_inputs",
+                "max_embedding_chars"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be at least 1")
     if config.curve_authorized_keys and not config.curve_secret_key_file:
         raise ConfigError("curve_authorized_keys needs curve_secret_key_file (the server's key pair)")
     if config.curve_secret_key_file and not config.remote_worker_addr:

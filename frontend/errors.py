@@ -41,6 +41,7 @@ ERRORS: dict[str, ErrorKind] = {
     "http_error": ErrorKind(400, _CLIENT),  # any other client error Werkzeug raises
     "invalid_json": ErrorKind(400, _CLIENT),
     "invalid_request_error": ErrorKind(400, _CLIENT),
+    "array_above_max_length": ErrorKind(400, _CLIENT),  # too many messages or inputs (OpenAI's code)
     "model_not_found": ErrorKind(500, _SERVER),  # 500, as the LlamaEdge spec documents
     "wrong_model_kind": ErrorKind(400, _CLIENT),
     "embedding_model_mismatch": ErrorKind(400, _CLIENT),

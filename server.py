@@ -28,15 +28,17 @@ from werkzeug.wrappers import Request, Response
 from frontend import validation as v
 from frontend.access import AccessPolicy, exposure_warnings
 from frontend.broker import Broker, BrokerLimits, RemoteListener
-from frontend.chat_api import ChatResponder, parse_chat
+from frontend.chat_api import ChatResponder, check_chat_context, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
-from frontend.embeddings_api import embeddings_response, parse_embeddings
+from frontend.embeddings_api import check_input_context, embeddings_response, parse_embeddings
 from frontend.errors import APIError, as_api_error, bad_request, error_response
 from frontend.jobs import JobClient, JobRunner, client_gone
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context
+from frontend.request_body import read_json
 from frontend.supervisor import Supervisor
 from store import FileRecord, Store, StoreError
 from worker import protocol as ewp
+from worker.settings import ModelSettings
 
 log = logging.getLogger("edgellm.server")
 
@@ -62,6 +64,7 @@ class EdgeLLM:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.limits = v.RequestLimits.from_config(config)
         self.created = int(time.time())
         Path(config.store_path).parent.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.store_path)
@@ -126,12 +129,18 @@ class EdgeLLM:
 
     # -- helpers -------------------------------------------------------------------------
     def json_body(self, request: Request) -> dict:
-        data = request.get_data(cache=False)  # raises 413 over max_content_length
-        try:
-            body = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-        return v.json_object(body)
+        return v.json_object(read_json(request, self.config.max_body_bytes, self.config.max_json_depth))
+
+    def context_size(self, model: str) -> int:
+        """The tokens one request to ``model`` may use: the n_ctx its workers registered with (the
+        limit they enforce; the smallest, as any of them may get the job), else, before one has
+        registered, the configured ctx_size, else the default ctx_size."""
+        workers = self.broker.snapshot().get(model, {}).get("workers") or []
+        sizes = [w["n_ctx"] for w in workers if isinstance(w.get("n_ctx"), int) and w["n_ctx"] > 0]
+        if sizes:
+            return min(sizes)
+        model_config = self.config.model(model)
+        return model_config.ctx_size if model_config else ModelSettings.ctx_size
 
     def uploaded_file(self, request: Request) -> tuple[str, bytes, str]:
         upload = request.files.get("file")
@@ -182,8 +191,9 @@ class EdgeLLM:
     # -- chat ----------------------------------------------------------------------------
     def on_chat_completions(self, request: Request) -> Response:
         body = self.json_body(request)
-        call = parse_chat(body)
+        call = parse_chat(body, self.limits)
         model = self.resolve_model(call.model, ewp.JOB_CHAT)
+        check_chat_context(call, self.context_size(model), self.config.chars_per_token)
         model_config = self.config.model(model)
         if model_config and model_config.rag_collection and v.boolean(body, "rag", default=True):
             hits = self.knowledge.retrieve(last_user_text(call.job["messages"]), model_config.rag_collection,
@@ -222,15 +232,16 @@ class EdgeLLM:
 
     # -- embeddings and retrieval --------------------------------------------------------
     def on_embeddings(self, request: Request) -> Response:
-        name, inputs, encoding = parse_embeddings(self.json_body(request))
+        name, inputs, encoding = parse_embeddings(self.json_body(request), self.limits)
         model = self.resolve_model(name, ewp.JOB_EMBEDDING)
+        check_input_context(inputs, self.context_size(model), self.config.chars_per_token)
         chunks, done = self.jobs.collect(model, {"kind": ewp.JOB_EMBEDDING, "input": inputs},
                                          self.disconnect_check(request))
         return json_response(embeddings_response(model, chunks, done["usage"], encoding))
 
     def on_retrieve(self, request: Request) -> Response:
         body = self.json_body(request)
-        call = parse_chat(body)
+        call = parse_chat(body, self.limits)
         if call.model is not None and self.model_names().get(call.model) == ewp.JOB_CHAT:
             call.model = None  # a chat model named here (as RAG clients do) leaves the collection's own
         elif call.model is not None:

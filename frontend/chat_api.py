@@ -21,6 +21,7 @@ class ChatCall:
     job: dict  # what the worker gets: messages and sampling fields
     stream: bool
     include_usage: bool
+    max_tokens_param: str = "max_tokens"  # the field the answer's length came in, for errors
 
 
 def _content_text(content, i: int, role: str) -> str:
@@ -46,13 +47,16 @@ def _content_text(content, i: int, role: str) -> str:
     raise bad_request(f"{param} must be a string or a list of text parts", param)
 
 
-def parse_messages(value) -> list[dict]:
+def parse_messages(value, max_messages: int) -> list[dict]:
     if value is None:
         raise bad_request("'messages' is required: a list of {role, content} objects", "messages")
     if not isinstance(value, list):
         raise bad_request("'messages' must be a list of {role, content} objects", "messages")
     if not value:
         raise bad_request("'messages' must not be empty", "messages")
+    if len(value) > max_messages:
+        raise bad_request(f"'messages' may hold at most {max_messages} messages (the server's max_messages); "
+                          f"got {len(value)}", "messages", code="array_above_max_length")
     messages = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
@@ -79,14 +83,17 @@ def parse_stop(body: dict) -> list[str]:
     raise bad_request("'stop' must be a string or a list of strings", "stop")
 
 
-def parse_chat(body: dict) -> ChatCall:
+def parse_chat(body: dict, limits: v.RequestLimits) -> ChatCall:
+    """A chat body's fields, checked; the limits that depend on the model are check_chat_context's."""
     model = v.string(body, "model")
-    messages = parse_messages(body.get("messages"))
+    messages = parse_messages(body.get("messages"), limits.max_messages)
     if v.integer(body, "n", 1) not in (None, 1):
         raise bad_request("'n' must be 1: one choice is generated per request", "n")
-    max_tokens = v.integer(body, "max_completion_tokens", 1)
+    max_tokens_param = "max_completion_tokens"
+    max_tokens = v.integer(body, max_tokens_param, 1)
     if max_tokens is None:
-        max_tokens = v.integer(body, "max_tokens", 1)
+        max_tokens_param = "max_tokens"
+        max_tokens = v.integer(body, max_tokens_param, 1)
     stream = v.boolean(body, "stream")
     options = body.get("stream_options")
     include_usage = False
@@ -104,13 +111,32 @@ def parse_chat(body: dict) -> ChatCall:
         "frequency_penalty": v.number(body, "frequency_penalty", -2, 2),
         "seed": v.integer(body, "seed", -(2 ** 63), 2 ** 64 - 1),
         # llama.cpp extensions that llama-server accepts too
-        "top_k": v.integer(body, "top_k", 0),
+        "top_k": v.integer(body, "top_k", 0, v.INT32_MAX),
         "min_p": v.number(body, "min_p", 0, 1),
         "repeat_penalty": v.number(body, "repeat_penalty", 0, 10),
     }
     if job["repeat_penalty"] == 0:
         raise bad_request("'repeat_penalty' must be above 0 (1 disables it)", "repeat_penalty")
-    return ChatCall(model, {k: val for k, val in job.items() if val is not None}, stream, include_usage)
+    return ChatCall(model, {k: val for k, val in job.items() if val is not None}, stream, include_usage,
+                    max_tokens_param)
+
+
+def check_chat_context(call: ChatCall, n_ctx: int, chars_per_token: int) -> None:
+    """Refuse, before any tokenizing, a chat that cannot fit the model's context of ``n_ctx``
+    tokens: messages longer than ``n_ctx * chars_per_token`` characters (no token stands for
+    more than ``chars_per_token`` of them), or an answer of more tokens than the context holds.
+    The worker still counts the prompt's real tokens; this keeps huge input from reaching it."""
+    chars = sum(len(m["content"]) for m in call.job["messages"])
+    if chars > n_ctx * chars_per_token:
+        raise bad_request(f"the messages hold {chars} characters; this model's context holds {n_ctx} tokens, "
+                          f"which is at most {n_ctx * chars_per_token} characters ({chars_per_token} per token, the "
+                          "server's chars_per_token): shorten the messages", "messages",
+                          code="context_length_exceeded")
+    max_tokens = call.job.get("max_tokens")
+    if max_tokens is not None and max_tokens >= n_ctx:
+        raise bad_request(f"'{call.max_tokens_param}' must be at most {n_ctx - 1}: this model's context holds "
+                          f"{n_ctx} tokens, prompt and answer together; got {v.shown(max_tokens)}",
+                          call.max_tokens_param)
 
 
 class ChatResponder:

@@ -97,6 +97,19 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = setting((), flag="--allowed-hosts",
                                              help="host names clients may reach this server by when no API key "
                                                   "is set (loopback names always), comma-separated, or *")
+    # Request limits (README, "Security"): checked in the front end before any tokenizing.
+    max_json_depth: int = setting(64, flag="--max-json-depth", type=int, min=1,
+                                  help="deepest nesting of arrays and objects in a JSON body (400 above)")
+    max_messages: int = setting(1024, flag="--max-messages", type=int, min=1,
+                                help="most messages in one chat request (400 above)")
+    chars_per_token: int = setting(8, flag="--chars-per-token", type=int, min=1,
+                                   help="the most characters one token is taken to stand for: a prompt of more "
+                                        "than the context's tokens times this is refused untokenized (400)")
+    max_embedding_inputs: int = setting(2048, flag="--max-embedding-inputs", type=int, min=1,
+                                        help="most inputs in one embeddings request (400 above)")
+    max_embedding_chars: int = setting(1_000_000, flag="--max-embedding-chars", type=int, min=1,
+                                       help="most characters in one embeddings request's inputs, a token id "
+                                            "counting as chars_per_token (413 above)")
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)

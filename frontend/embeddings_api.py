@@ -6,36 +6,63 @@ import base64
 import struct
 
 from frontend import validation as v
-from frontend.errors import bad_request
-
-MAX_INPUTS = 2048
+from frontend.errors import APIError, bad_request
 
 
-def parse_input(value) -> list:
-    """A string, a list of strings, a token array, or a list of token arrays -> a list of inputs."""
+def _is_token_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= v.INT32_MAX for t in value)
+
+
+def parse_input(value, limits: v.RequestLimits) -> list:
+    """A string, a list of strings, a token array, or a list of token arrays -> a list of inputs.
+    Their count and total size are bounded (a token id counts as ``chars_per_token`` characters,
+    the most text one token stands for); each item is looked at only while the total allows."""
     if isinstance(value, str):
         value = [value]
     elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         value = [value]
     if not isinstance(value, list) or not value:
         raise bad_request("'input' must be a non-empty string, a list of strings, or token arrays", "input")
-    if len(value) > MAX_INPUTS:
-        raise bad_request(f"'input' may hold at most {MAX_INPUTS} items; got {len(value)}", "input")
+    if len(value) > limits.max_embedding_inputs:
+        raise bad_request(f"'input' may hold at most {limits.max_embedding_inputs} items (the server's "
+                          f"max_embedding_inputs); got {len(value)}", "input", code="array_above_max_length")
+    total = 0
     for i, item in enumerate(value):
+        if isinstance(item, (str, list)):
+            total += len(item) * (1 if isinstance(item, str) else limits.chars_per_token)
+            if total > limits.max_embedding_chars:
+                raise APIError("request_too_large", f"the inputs up to input[{i}] hold more than "
+                               f"{limits.max_embedding_chars} characters (the server's max_embedding_chars; a "
+                               f"token id counts as {limits.chars_per_token}): send fewer or shorter inputs",
+                               "input")
         if isinstance(item, str):
             if not item.strip():
                 raise bad_request(f"input[{i}] is empty", "input")
-        elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                     for t in item):
-            continue
-        else:
-            raise bad_request(f"input[{i}] must be a non-empty string or a non-empty list of token ids", "input")
+        elif not _is_token_ids(item):
+            raise bad_request(f"input[{i}] must be a non-empty string or a non-empty list of token ids "
+                              f"(0 to {v.INT32_MAX})", "input")
     return value
 
 
-def parse_embeddings(body: dict) -> tuple[str | None, list, str]:
+def check_input_context(inputs: list, n_ctx: int, chars_per_token: int) -> None:
+    """Refuse, before any tokenizing, an input that cannot fit the model's ``n_ctx`` tokens: a string
+    of more than ``n_ctx * chars_per_token`` characters, or more than ``n_ctx`` token ids."""
+    most_chars = n_ctx * chars_per_token
+    for i, item in enumerate(inputs):
+        if isinstance(item, str) and len(item) > most_chars:
+            raise bad_request(f"input[{i}] holds {len(item)} characters; this embedding model takes at most {n_ctx} "
+                              f"tokens per input, which is at most {most_chars} characters ({chars_per_token} per "
+                              "token, the server's chars_per_token): split the text", "input",
+                              code="context_length_exceeded")
+        if isinstance(item, list) and len(item) > n_ctx:
+            raise bad_request(f"input[{i}] holds {len(item)} token ids; this embedding model takes at most {n_ctx} "
+                              "tokens per input: split it", "input", code="context_length_exceeded")
+
+
+def parse_embeddings(body: dict, limits: v.RequestLimits) -> tuple[str | None, list, str]:
     model = v.string(body, "model")
-    inputs = parse_input(body.get("input"))
+    inputs = parse_input(body.get("input"), limits)
     encoding = v.string(body, "encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise bad_request("'encoding_format' must be 'float' or 'base64'", "encoding_format")

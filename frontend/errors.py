@@ -47,6 +47,7 @@ ERRORS: dict[str, ErrorKind] = {
     "host_not_allowed": ErrorKind(403, _PERMISSION),
     "invalid_json": ErrorKind(400, _CLIENT),
     "invalid_request_error": ErrorKind(400, _CLIENT),
+    "array_above_max_length": ErrorKind(400, _CLIENT),  # too many messages or inputs (OpenAI's code)
     "model_not_found": ErrorKind(500, _SERVER),  # 500, as the LlamaEdge spec documents
     "wrong_model_kind": ErrorKind(400, _CLIENT),
     "embedding_model_mismatch": ErrorKind(400, _CLIENT),

@@ -1,10 +1,35 @@
-"""Small checks for JSON request fields, each raising a 400 that names the field."""
+"""Small checks for JSON request fields, each raising a 400 that names the field, and the request
+limits they are checked against."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 from frontend.errors import bad_request
 
 _MISSING = object()
+INT32_MAX = 2 ** 31 - 1  # llama.cpp takes counts and token ids as int32
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The server settings (frontend/config.py's ServerConfig, same names) that bound what one
+    request may ask for; the parsers get them from the server, never a default of their own."""
+
+    max_messages: int
+    max_embedding_inputs: int
+    max_embedding_chars: int
+    chars_per_token: int
+
+    @classmethod
+    def from_config(cls, config) -> "RequestLimits":
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
+def shown(value) -> str:
+    """A number as a message may quote it: a 4000-digit integer is cut, and nothing fails to format."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def number(body: dict, key: str, lo: float, hi: float, default=None):
@@ -14,7 +39,7 @@ def number(body: dict, key: str, lo: float, hi: float, default=None):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad_request(f"'{key}' must be a number, not {type(value).__name__}", key)
     if not lo <= value <= hi:
-        raise bad_request(f"'{key}' must be between {lo:g} and {hi:g}; got {value:g}", key)
+        raise bad_request(f"'{key}' must be between {lo:g} and {hi:g}; got {shown(value)}", key)
     return value
 
 
@@ -26,7 +51,7 @@ def integer(body: dict, key: str, lo: int, hi: int | None = None, default=None):
         raise bad_request(f"'{key}' must be an integer, not {type(value).__name__}", key)
     if value < lo or (hi is not None and value > hi):
         limit = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise bad_request(f"'{key}' must be {limit}; got {value}", key)
+        raise bad_request(f"'{key}' must be {limit}; got {shown(value)}", key)
     return value
 
 

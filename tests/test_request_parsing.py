@@ -5,20 +5,46 @@ and the RAG prompt merging, called directly. Errors are checked by their code, p
 from __future__ import annotations
 
 import base64
+import json
+import random
 import struct
 
 import pytest
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
 
 from frontend import validation as v
-from frontend.chat_api import MAX_STOP_STRINGS, ChatCall, parse_chat, parse_messages, parse_stop
-from frontend.config import RAG_PROMPT, ModelConfig
-from frontend.embeddings_api import (MAX_INPUTS, embeddings_response, encode_vector, parse_embeddings,
-                                     parse_input)
+from frontend.chat_api import MAX_STOP_STRINGS, ChatCall, check_chat_context, parse_stop
+from frontend.chat_api import parse_chat as _parse_chat
+from frontend.chat_api import parse_messages as _parse_messages
+from frontend.config import RAG_PROMPT, ModelConfig, ServerConfig
+from frontend.embeddings_api import check_input_context, embeddings_response, encode_vector
+from frontend.embeddings_api import parse_embeddings as _parse_embeddings
+from frontend.embeddings_api import parse_input as _parse_input
 from frontend.errors import APIError
 from frontend.rag import last_user_text, merge_context
+from frontend.request_body import nests_deeper, parse_json, read_body
 from store import Hit
 
 USER = {"role": "user", "content": "hi"}
+LIMITS = v.RequestLimits.from_config(ServerConfig(models=[]))  # the server's defaults
+MAX_INPUTS = LIMITS.max_embedding_inputs
+
+
+def parse_chat(body: dict):
+    return _parse_chat(body, LIMITS)
+
+
+def parse_messages(value):
+    return _parse_messages(value, LIMITS.max_messages)
+
+
+def parse_embeddings(body: dict):
+    return _parse_embeddings(body, LIMITS)
+
+
+def parse_input(value):
+    return _parse_input(value, LIMITS)
 
 
 def api_error(fn, *args, param, code="invalid_request_error", mentions=()):
@@ -281,8 +307,7 @@ def test_embedding_inputs(value, expected):
     (None, ["'input'"]), ("", ["input[0]", "empty"]), ("  \n", ["empty"]), ([], ["'input'"]), (5, ["'input'"]),
     ({"text": "x"}, []), (["ok", ""], ["input[1]"]), ([["a"]], ["input[0]"]), ([[]], ["input[0]"]),
     ([[1, -1]], ["input[0]"]), ([True], ["input[0]"]), ([[True]], ["input[0]"]), ([1, "a"], ["input[0]"]),
-    ([1.5], []), ([None], []),
-    (["x"] * (MAX_INPUTS + 1), [str(MAX_INPUTS), str(MAX_INPUTS + 1)]),
+    ([1.5], []), ([None], []), ([[2 ** 31]], ["input[0]"]),
 ])
 def test_bad_embedding_inputs(value, words):
     api_error(parse_input, value, param="input", mentions=words)
@@ -389,3 +414,204 @@ def test_merge_uses_the_models_own_rag_prompt():
     assert merged == [{"role": "user", "content": "Facts:\none\n\ntwo\n\nhi"}]
     merged = merge_context([SYS, USER], [hit("one")], model(prompt="Facts: "))
     assert merged[0]["content"] == f"{SYS['content']}\nFacts: one"
+
+
+# -- request limits --------------------------------------------------------------------------
+def test_limits_come_from_the_server_settings():
+    config = ServerConfig(models=[], max_messages=3, max_embedding_inputs=4, max_embedding_chars=50,
+                          chars_per_token=5)
+    assert v.RequestLimits.from_config(config) == v.RequestLimits(3, 4, 50, 5)
+
+
+def test_message_count_limit():
+    assert len(parse_messages([USER] * LIMITS.max_messages)) == LIMITS.max_messages
+    err = api_error(parse_messages, [USER] * (LIMITS.max_messages + 1), param="messages",
+                    code="array_above_max_length", mentions=[str(LIMITS.max_messages), "max_messages"])
+    assert str(LIMITS.max_messages + 1) in err.message
+    # Counted before any message is looked at: a bad one past the limit is not what gets reported.
+    api_error(parse_chat, {"messages": [USER] * LIMITS.max_messages + [None]}, param="messages",
+              code="array_above_max_length")
+
+
+def chat_call(content: str = "hi", **fields) -> ChatCall:
+    return parse_chat({"messages": [{"role": "user", "content": content}], **fields})
+
+
+def test_prompt_characters_against_the_context():
+    check_chat_context(chat_call("x" * 800), 100, 8)  # 100 tokens of at most 8 characters
+    err = api_error(check_chat_context, chat_call("x" * 801), 100, 8, param="messages",
+                    code="context_length_exceeded", mentions=["801", "100 tokens", "800", "chars_per_token"])
+    assert "shorten" in err.message
+    # Every message counts.
+    two = parse_chat({"messages": [{"role": "system", "content": "x" * 400}, {"role": "user", "content": "y" * 401}]})
+    api_error(check_chat_context, two, 100, 8, param="messages", code="context_length_exceeded")
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_answer_length_against_the_context(field):
+    check_chat_context(chat_call(**{field: 99}), 100, 8)
+    api_error(check_chat_context, chat_call(**{field: 100}), 100, 8, param=field, mentions=["at most 99", "100"])
+    err = api_error(check_chat_context, chat_call(**{field: 10 ** 18}), 2048, 8, param=field,
+                    mentions=["at most 2047"])
+    assert len(err.message) < 300
+
+
+def test_huge_numbers_in_fields_are_400s_with_short_messages():
+    for field in ("temperature", "top_p", "min_p", "seed", "top_k", "n"):
+        err = api_error(parse_chat, {"messages": [USER], field: 10 ** 4000}, param=field)
+        assert len(err.message) < 300, err.message
+    api_error(parse_chat, {"messages": [USER], "temperature": float("inf")}, param="temperature")
+    api_error(parse_chat, {"messages": [USER], "top_p": float("nan")}, param="top_p")
+    api_error(parse_chat, {"messages": [USER], "top_k": 2 ** 31}, param="top_k")
+
+
+def test_embedding_input_count_limit():
+    assert len(parse_input(["x"] * MAX_INPUTS)) == MAX_INPUTS
+    api_error(parse_input, ["x"] * (MAX_INPUTS + 1), param="input", code="array_above_max_length",
+              mentions=[str(MAX_INPUTS), str(MAX_INPUTS + 1), "max_embedding_inputs"])
+
+
+def test_embedding_total_size_limit():
+    limits = v.RequestLimits(max_messages=1, max_embedding_inputs=10, max_embedding_chars=100, chars_per_token=8)
+    assert _parse_input(["x" * 50, "y" * 50], limits) == ["x" * 50, "y" * 50]
+    api_error(_parse_input, ["x" * 50, "y" * 51], limits, param="input", code="request_too_large",
+              mentions=["input[1]", "100", "max_embedding_chars"])
+    assert _parse_input([[1] * 12, "x" * 4], limits) == [[1] * 12, "x" * 4]  # a token id counts as 8
+    api_error(_parse_input, [[1] * 12, "x" * 5], limits, param="input", code="request_too_large")
+    api_error(_parse_input, [1] * 13, limits, param="input", code="request_too_large")
+    # The total is checked before an item is looked at: a huge bad item is refused for its size.
+    api_error(_parse_input, ["x", [True] * 10 ** 6], limits, param="input", code="request_too_large")
+
+
+def test_embedding_inputs_against_the_context():
+    check_input_context(["x" * 800, [5] * 100], 100, 8)
+    api_error(check_input_context, ["ok", "x" * 801], 100, 8, param="input", code="context_length_exceeded",
+              mentions=["input[1]", "801", "100 tokens", "800"])
+    api_error(check_input_context, [[5] * 101], 100, 8, param="input", code="context_length_exceeded",
+              mentions=["input[0]", "101"])
+
+
+# -- the JSON body ---------------------------------------------------------------------------
+def invalid_json(data: bytes, *words, max_depth: int = 64, param=None) -> APIError:
+    return api_error(parse_json, data, max_depth, param=param, code="invalid_json", mentions=words)
+
+
+def test_a_normal_body_parses():
+    body = {"messages": [{"role": "user", "content": "caf\u00e9 [{\"]}\\ \U0001f600"}], "seed": 2 ** 64 - 1}
+    assert parse_json(json.dumps(body).encode(), 64) == body
+    assert parse_json(json.dumps(body, ensure_ascii=False).encode(), 64) == body
+
+
+@pytest.mark.parametrize("depth", [1, 2, 63, 64])
+def test_nesting_up_to_the_limit(depth):
+    assert parse_json(b"[" * depth + b"]" * depth, 64) == json.loads(b"[" * depth + b"]" * depth)
+    assert parse_json(b'{"a":' * depth + b"1" + b"}" * depth, 64)
+
+
+@pytest.mark.parametrize("data", [
+    b"[" * 65 + b"]" * 65,
+    b'{"a":' * 65 + b"1" + b"}" * 65,
+    b"[" * 100_000 + b"]" * 100_000,
+    b"[" * 100_000,  # unbalanced too
+    b'[{"a": [' * 22 + b']}]' * 22,
+])
+def test_nesting_over_the_limit(data):
+    invalid_json(data, "64", "max_json_depth")
+
+
+def test_brackets_inside_strings_do_not_count():
+    text = json.dumps(["[" * 1000, "{" * 1000, '\\"[[[', "\\", '"' * 100 + "[" * 100])
+    assert parse_json(text.encode(), 2) == json.loads(text)
+    assert parse_json(b'["\\\\", [[1]]]', 3) == ["\\", [[1]]]  # an escaped backslash ends no string
+    invalid_json(b'["\\\\", [[[1]]]]', max_depth=3)
+
+
+def reference_depth(text: str) -> int:
+    """The plain way: one character at a time, tracking strings and escapes."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (c == "\\", c != '"')
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
+def random_json_ish(rng: random.Random) -> str:
+    """Brackets in any order, and strings holding brackets, escaped quotes and escaped backslashes
+    (backslashes outside strings are not JSON, and the parser stops at the first)."""
+    def string():
+        pieces = ["a", "[", "]", "{", "}", '\\"', "\\\\"]
+        return '"' + "".join(rng.choice(pieces) for _ in range(rng.randrange(4))) + '"'
+    items = [string() if rng.random() < 0.3 else rng.choice("[]{}a,") for _ in range(rng.randrange(1, 30))]
+    return "".join(items) + (string()[:-1] if rng.random() < 0.2 else "")  # now and then unterminated
+
+
+def test_the_depth_scan_agrees_with_a_plain_scan():
+    rng = random.Random(7)
+    for _ in range(3000):
+        text = random_json_ish(rng)
+        depth = reference_depth(text)
+        assert nests_deeper(text.encode(), depth) is False, text
+        if depth:
+            assert nests_deeper(text.encode(), depth - 1) is True, text
+
+
+@pytest.mark.parametrize("data, path", [
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages[0].content"),
+    (b'{"input": ["ok", "\\ude00\\ud83d"]}', "input[1]"),  # a pair in the wrong order
+    (b'{"stop": "\\uD800x"}', "stop"),
+    (b'{"\\ud800": 1}', "body (a key)"),
+    (b'"\\ud800"', "body"),
+])
+def test_lone_surrogates_are_refused(data, path):
+    invalid_json(data, "surrogate", param=path)
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_fine():
+    assert parse_json(b'{"s": "\\ud83d\\ude00"}', 64) == {"s": "\U0001f600"}
+    assert parse_json(b'{"s": "\\\\ud800"}', 64) == {"s": "\\ud800"}  # a backslash, then text
+
+
+@pytest.mark.parametrize("data, words", [
+    (b'{"max_tokens": ' + b"9" * 5000 + b"}", ["4300 digits"]),
+    (b'{"temperature": NaN}', ["NaN"]),
+    (b'{"temperature": Infinity}', ["Infinity"]),
+    (b'{"temperature": -Infinity}', ["Infinity"]),
+    (b'{"messages": [}', ["not valid JSON"]),
+    (b"", ["not valid JSON"]),
+    (b'\xff\xfe{"a": 1}', ["UTF-8", "0xff"]),
+    (b'{"s": "\xed\xa0\x80"}', ["UTF-8"]),  # a surrogate encoded as UTF-8 bytes
+    ('{"s": "x"}'.encode("utf-16"), ["UTF-8"]),
+])
+def test_parser_failures_are_400s(data, words):
+    invalid_json(data, *words)
+
+
+def wsgi_request(data: bytes, *, content_length: bool, terminated: bool) -> Request:
+    environ = EnvironBuilder(method="POST", data=data).get_environ()
+    if not content_length:
+        del environ["CONTENT_LENGTH"]
+    if terminated:
+        environ["wsgi.input_terminated"] = True
+    return Request(environ)
+
+
+@pytest.mark.parametrize("content_length, terminated", [(True, False), (False, True), (True, True)])
+def test_body_size_limit(content_length, terminated):
+    data = b"x" * 200_000
+    assert read_body(wsgi_request(data, content_length=content_length, terminated=terminated), 200_000) == data
+    with pytest.raises(APIError) as info:
+        read_body(wsgi_request(data + b"y", content_length=content_length, terminated=terminated), 200_000)
+    assert info.value.code == "request_too_large" and "200000" in info.value.message
+
+
+def test_a_body_without_length_on_a_server_that_does_not_end_it_is_empty():
+    assert read_body(wsgi_request(b"{}", content_length=False, terminated=False), 100) == b""

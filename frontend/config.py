@@ -23,6 +23,10 @@ class ConfigError(ValueError):
 
 
 RAG_POLICIES = ("system-message", "last-user-message")  # the first is the default
+# chunk_capacity's range, in the embedding model's tokens, wherever it is given (config, flag, request):
+# smaller chunks carry too little text to retrieve by, and let a small file fan out into thousands.
+MIN_CHUNK_CAPACITY = 16
+MAX_CHUNK_CAPACITY = 100_000  # the worker caps it at the embedding model's input size anyway
 RAG_PROMPT = ("Use the following context to answer the question. If the context does not contain the "
               "answer, say that you do not know.\n----------------\n")
 
@@ -74,7 +78,11 @@ class ServerConfig:
                                   help="largest uploaded file accepted (413 above)")
     default_collection: str = setting("default", flag="--default-collection",
                                       help="collection used when a request names none")
-    chunk_capacity: int = setting(100, flag="--chunk-capacity", type=int, help="tokens per chunk when ingesting")
+    chunk_capacity: int = setting(100, flag="--chunk-capacity", type=int,
+                                  help=f"tokens per chunk when ingesting (at least {MIN_CHUNK_CAPACITY})")
+    max_document_chunks: int = setting(4096, flag="--max-document-chunks", type=int,
+                                       help="most chunks one document may be split into (400 above, before "
+                                            "anything is embedded)")
     retrieve_limit: int = setting(5, flag="--limit", type=int, help="retrieved chunks per query")
     score_threshold: float = setting(0.4, flag="--score-threshold", type=float,
                                      help="lowest cosine score retrieved")
@@ -196,6 +204,10 @@ def validate(config: ServerConfig) -> None:
         raise ConfigError("curve_authorized_keys needs curve_secret_key_file (the server's key pair)")
     if config.curve_secret_key_file and not config.remote_worker_addr:
         raise ConfigError("CURVE keys apply to remote workers: set remote_worker_addr too")
+    if not MIN_CHUNK_CAPACITY <= config.chunk_capacity <= MAX_CHUNK_CAPACITY:
+        raise ConfigError(f"chunk_capacity must be between {MIN_CHUNK_CAPACITY} and {MAX_CHUNK_CAPACITY} tokens")
+    if config.max_document_chunks < 1:
+        raise ConfigError("max_document_chunks must be at least 1")
     seen = set()
     for m in config.models:
         if m.name in seen:

@@ -32,8 +32,9 @@ from frontend.chat_api import ChatResponder, check_chat_context, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import check_input_context, embeddings_response, parse_embeddings
 from frontend.errors import APIError, as_api_error, bad_request, error_response
+from frontend.filenames import clean_filename, content_disposition
 from frontend.jobs import JobClient, JobRunner, client_gone
-from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context
+from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context, parse_chunk_capacity
 from frontend.request_body import read_json
 from frontend.supervisor import Supervisor
 from store import FileRecord, Store, StoreError
@@ -75,7 +76,8 @@ class EdgeLLM:
                                      verbose=config.log_level == "debug", on_exit=self.broker.worker_exited)
         self.jobs = JobRunner(self.broker.clients_addr, config.queue_timeout, config.request_timeout,
                               context=context)
-        self.knowledge = Knowledge(self.store, self.jobs, chunk_capacity=config.chunk_capacity)
+        self.knowledge = Knowledge(self.store, self.jobs, chunk_capacity=config.chunk_capacity,
+                                   max_chunks=config.max_document_chunks)
         self.access = AccessPolicy(api_keys=config.api_keys, cors_origins=config.cors_origins,
                                    allowed_hosts=config.allowed_hosts, bind_host=config.host)
         self.url_map = Map([
@@ -147,8 +149,9 @@ class EdgeLLM:
         if upload is None or not upload.filename:
             raise bad_request("send the document as multipart/form-data field 'file' "
                               "(curl -F file=@notes.md ...)", "file")
+        filename = clean_filename(upload.filename)
         data = upload.read(self.config.max_file_bytes + 1)
-        return upload.filename, data, check_text_file(upload.filename, data, self.config.max_file_bytes)
+        return filename, data, check_text_file(filename, data, self.config.max_file_bytes)
 
     def model_names(self) -> dict[str, str]:
         """Every model this server can answer for, configured or registered by hand: name -> kind."""
@@ -267,8 +270,9 @@ class EdgeLLM:
 
     def on_file_content(self, request: Request, file_id: str) -> Response:
         record = self.store.get_file(file_id)
-        return Response(self.store.get_file_content(file_id), mimetype="text/plain",
-                        headers={"Content-Disposition": f'attachment; filename="{record.filename}"'})
+        return Response(self.store.get_file_content(file_id), content_type="text/plain; charset=utf-8",
+                        headers={"Content-Disposition": content_disposition(record.filename),
+                                 "X-Content-Type-Options": "nosniff"})
 
     def on_delete_file(self, request: Request, file_id: str) -> Response:
         self.store.delete_file(file_id)
@@ -277,11 +281,11 @@ class EdgeLLM:
     def on_chunks(self, request: Request) -> Response:
         body = self.json_body(request)
         file_id = v.string(body, "id", required=True)
-        capacity = v.integer(body, "chunk_capacity", 1, 100_000, default=self.config.chunk_capacity)
+        capacity = parse_chunk_capacity(body.get("chunk_capacity")) or self.config.chunk_capacity
         record = self.store.get_file(file_id)
         text = check_text_file(record.filename, self.store.get_file_content(file_id), self.config.max_file_bytes)
         model = self.resolve_model(v.string(body, "model"), ewp.JOB_EMBEDDING)
-        chunks = self.knowledge.chunk(model, text, capacity)
+        chunks = self.knowledge.chunk(model, text, capacity, self.disconnect_check(request))
         return json_response({"id": record.id, "filename": v.string(body, "filename", record.filename),
                               "chunks": chunks})
 
@@ -289,12 +293,10 @@ class EdgeLLM:
         filename, data, text = self.uploaded_file(request)
         form = {k: val for k, val in request.form.items() if val != ""}
         collection = self.collection_name(form)
-        capacity = form.get("chunk_capacity")
-        if capacity is not None and (not capacity.isdigit() or int(capacity) < 1):
-            raise bad_request("'chunk_capacity' must be a positive integer", "chunk_capacity")
+        capacity = parse_chunk_capacity(form.get("chunk_capacity"))
         model = self.ingest_model(form.get("model"), collection)
         result = self.knowledge.ingest(filename, data, text, collection=collection, model=model,
-                                       capacity=int(capacity) if capacity else None)
+                                       capacity=capacity, gone=self.disconnect_check(request))
         return json_response({"id": result.file_id, "object": "file", "filename": result.filename,
                               "collection": result.collection, "model": model, "status": result.status,
                               "chunks": result.chunks, "usage": {"prompt_tokens": result.prompt_tokens,

@@ -254,14 +254,14 @@ class Broker:
         self._heard_from(worker)
         self.workers[identity] = worker
         self._pool(model).add(worker)
-        log.info("worker %s registered: model %r (%s), %d slots, pid %s", body.get("worker_id"), model, kind,
+        log.info("worker %r registered: model %r (%s), %d slots, pid %r", body.get("worker_id"), model, kind,
                  slots, body.get("pid"))
 
     def _drop_worker(self, identity: WorkerKey, why: str) -> None:
         worker = self.workers.pop(identity)
         pool = self._pool(worker.model)
         pool.remove(worker)
-        log.warning("worker %s for model %r removed: %s", worker.info.get("worker_id"), worker.model, why)
+        log.warning("worker %r for model %r removed: %s", worker.info.get("worker_id"), worker.model, why)
         for job_id in worker.jobs:
             job = self.jobs.get(job_id)
             if job is not None and not job.answered and job.attempts < MAX_ATTEMPTS:

@@ -26,6 +26,10 @@ class ConfigError(ValueError):
 
 API_KEY_ENV = "EDGELLM_API_KEY"  # one more accepted API key, read once at start-up
 RAG_POLICIES = ("system-message", "last-user-message")  # the first is the default
+# chunk_capacity's range, in the embedding model's tokens, wherever it is given (config, flag, request):
+# smaller chunks carry too little text to retrieve by, and let a small file fan out into thousands.
+MIN_CHUNK_CAPACITY = 16
+MAX_CHUNK_CAPACITY = 100_000  # the worker caps it at the embedding model's input size anyway
 RAG_PROMPT = ("Use the following context to answer the question. If the context does not contain the "
               "answer, say that you do not know.\n----------------\n")
 
@@ -80,8 +84,11 @@ class ServerConfig:
                                   help="largest uploaded file accepted (413 above)")
     default_collection: str = setting("default", flag="--default-collection",
                                       help="collection used when a request names none")
-    chunk_capacity: int = setting(100, flag="--chunk-capacity", type=int, min=1,
-                                  help="tokens per chunk when ingesting")
+    chunk_capacity: int = setting(100, flag="--chunk-capacity", type=int, min=MIN_CHUNK_CAPACITY,
+                                  max=MAX_CHUNK_CAPACITY, help="tokens per chunk when ingesting")
+    max_document_chunks: int = setting(4096, flag="--max-document-chunks", type=int, min=1,
+                                       help="most chunks one document may be split into (400 above, before "
+                                            "anything is embedded)")
     retrieve_limit: int = setting(5, flag="--limit", type=int, min=1, max=1000, help="retrieved chunks per query")
     score_threshold: float = setting(0.4, flag="--score-threshold", type=float, min=-1.0, max=1.0,
                                      help="lowest cosine score retrieved")

@@ -54,6 +54,7 @@ ERRORS: dict[str, ErrorKind] = {
     "unsupported_file_type": ErrorKind(415, _CLIENT),
     "file_too_large": ErrorKind(413, _CLIENT),
     "invalid_file": ErrorKind(400, _CLIENT),
+    "invalid_filename": ErrorKind(400, _CLIENT),  # nothing left of an upload's name once cleaned
     "empty_file": ErrorKind(400, _CLIENT),
     "client_closed": ErrorKind(499, _CLIENT),
     "internal_error": ErrorKind(500, _SERVER),

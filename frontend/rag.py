@@ -8,18 +8,33 @@ between them and the store, which keeps a document in one transaction.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from frontend.config import RAG_PROMPT, ModelConfig
+from frontend import validation as v
+from frontend.config import MAX_CHUNK_CAPACITY, MIN_CHUNK_CAPACITY, RAG_PROMPT, ModelConfig
 from frontend.errors import APIError, bad_request
 from frontend.jobs import JobRunner
 from store import Hit, Store, content_hash
 from worker import protocol as ewp
+from store.catalog import check_name
 
 log = logging.getLogger("edgellm.rag")
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
+_FORM_INTEGER = re.compile(r"[0-9]{1,9}")
+
+Gone = Callable[[], bool]  # whether the request's HTTP client has left (its job is then cancelled)
+
+
+def parse_chunk_capacity(value) -> int | None:
+    """A request's 'chunk_capacity' (a JSON integer, or a form field's ASCII digits), None if not
+    given; a 400 outside MIN_CHUNK_CAPACITY..MAX_CHUNK_CAPACITY."""
+    if isinstance(value, str):
+        value = int(value) if _FORM_INTEGER.fullmatch(value) else (value or None)
+    return v.integer({"chunk_capacity": value}, "chunk_capacity", MIN_CHUNK_CAPACITY, MAX_CHUNK_CAPACITY)
 
 
 def check_text_file(filename: str, data: bytes, max_bytes: int) -> str:
@@ -46,28 +61,30 @@ class IngestResult:
 
 
 class Knowledge:
-    def __init__(self, store: Store, runner: JobRunner, *, chunk_capacity: int):
+    def __init__(self, store: Store, runner: JobRunner, *, chunk_capacity: int, max_chunks: int):
         self.store = store
         self.runner = runner
         self.chunk_capacity = chunk_capacity
+        self.max_chunks = max_chunks  # per document; the worker refuses more before embedding any
 
     def embed(self, model: str, texts: list) -> tuple[list[list[float]], int]:
         chunks, done = self.runner.collect(model, {"kind": ewp.JOB_EMBEDDING, "input": texts})
         return [c["embedding"] for c in _in_order(chunks, len(texts))], done["usage"]["prompt_tokens"]
 
-    def chunk(self, model: str, text: str, capacity: int | None = None) -> list[str]:
-        chunks, _ = self.runner.collect(model, self._chunk_job(text, capacity, embed=False))
+    def chunk(self, model: str, text: str, capacity: int | None = None, gone: Gone | None = None) -> list[str]:
+        chunks, _ = self.runner.collect(model, self._chunk_job(text, capacity, embed=False), gone)
         return [c["text"] for c in _in_order(chunks)]
 
     def ingest(self, filename: str, data: bytes, text: str, *, collection: str, model: str,
-               capacity: int | None = None) -> IngestResult:
-        """Chunk, embed (one worker job) and store (one transaction) one document; an unchanged
-        one adds nothing."""
+               capacity: int | None = None, gone: Gone | None = None) -> IngestResult:
+        """Chunk, embed (one worker job, cancelled if ``gone``) and store (one transaction) one
+        document; an unchanged one adds nothing."""
+        check_name(collection)  # before the work, not after it
         digest = content_hash(data)
         existing = self.store.get_document(collection, filename)
         if existing and existing.content_hash == digest:
             return IngestResult(existing.file_id, filename, collection, "unchanged", existing.chunk_count, 0)
-        chunks, done = self.runner.collect(model, self._chunk_job(text, capacity, embed=True))
+        chunks, done = self.runner.collect(model, self._chunk_job(text, capacity, embed=True), gone)
         if not chunks:
             raise bad_request(f"'{filename}' holds no text", "file", code="empty_file")
         chunks = _in_order(chunks)
@@ -77,7 +94,8 @@ class Knowledge:
         return IngestResult(record.id, filename, collection, str(status), len(chunks), done["usage"]["prompt_tokens"])
 
     def _chunk_job(self, text: str, capacity: int | None, *, embed: bool) -> dict:
-        return {"kind": ewp.JOB_CHUNK, "text": text, "capacity": capacity or self.chunk_capacity, "embed": embed}
+        return {"kind": ewp.JOB_CHUNK, "text": text, "capacity": capacity or self.chunk_capacity, "embed": embed,
+                "max_chunks": self.max_chunks}
 
     def retrieve(self, query: str, collection_name: str, *, model: str | None, limit: int,
                  score_threshold: float) -> list[Hit]:

@@ -88,10 +88,14 @@ def write_corpus(folder, n_files: int):
 
 
 def consistency(store_path) -> tuple[int, int]:
-    """(documents, files) after checking that every document has all its chunks and vectors."""
+    """(documents, files) after checking that every document has all its chunks and vectors, and
+    every collection a document."""
     conn = db.connect(os.fspath(store_path), busy_timeout_ms=1000)
     try:
         assert conn.execute("PRAGMA integrity_check") == [("ok",)]
+        empty_collections = conn.execute("SELECT name FROM collections c WHERE NOT EXISTS "
+                                         "(SELECT 1 FROM documents d WHERE d.collection_id = c.id)")
+        assert empty_collections == [], "a collection without documents"
         [(collection_id,)] = conn.execute("SELECT id FROM collections")
         table = vec_tables.table_name(collection_id)
         chunks = conn.execute("SELECT count(*) FROM chunks")[0][0]

@@ -1,6 +1,7 @@
 """The embedding engine: packs the inputs of every waiting request into shared decodes.
 
-Each input is one sequence. A step takes queued inputs, oldest first and across requests,
+Each input is one sequence. A step takes queued inputs, oldest first and across requests
+(requests' inputs before documents' chunks, so that an ingestion does not hold up retrieval),
 until the batch holds ``n_batch`` tokens or ``n_seq_max`` sequences, runs one decode, reads
 each sequence's pooled vector, L2-normalises it, and reports it as a CHUNK. A request is
 DONE when all of its inputs are. An input longer than the model's context is refused, never
@@ -9,24 +10,30 @@ truncated: encoder models (BERT) abort the whole process on a decode over ``n_ub
 The engine also splits documents into chunks for the store (a "chunk" job), because the
 chunk size cap is counted in this model's tokens. With ``"embed": true`` the same job embeds
 its chunks too, each CHUNK then carrying ``index``, ``text`` and ``embedding``: ingesting a
-document is one job.
+document is one job. Chunking runs a slice at a time (CHUNKING_SLICE seconds per step, beside
+the step's embedding decode), so a CANCEL between steps stops it and other requests'
+embeddings keep flowing; a document that splits into more than the job's ``max_chunks`` is
+refused before anything is embedded.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import llama_cpp as lc
 
-from store.chunking import split_text
+from store.chunking import iter_chunks
 from worker import protocol as ewp
 from worker.loop import Event, JobError
 from worker.model import LoadedModel, ModelLoadError
 from worker.settings import ModelSettings
 
 MAX_SEQUENCES = 64  # sequences in one decode
+CHUNKING_SLICE = 0.05  # seconds of chunking per step: the most a CANCEL or an embedding waits for it
 
 
 @dataclass
@@ -41,9 +48,13 @@ class EmbeddingJob:
 @dataclass
 class ChunkJob:
     job_id: str
-    text: str
+    chunks: Iterator[str]  # made as they are asked for
     capacity: int
     embed: bool
+    max_chunks: int | None
+    made: int = 0  # chunks so far
+    texts: list[str] = field(default_factory=list)  # with "embed": the chunks and their tokens, to embed
+    inputs: list[list[int]] = field(default_factory=list)
     cancelled: bool = False
 
 
@@ -69,7 +80,8 @@ class EmbeddingEngine:
             raise ModelLoadError(f"{settings.path} has no pooling type: it gives token vectors, not one per input")
         self.slots = settings.parallel
         self.n_embd = self.model.n_embd
-        self._queue: deque[PendingInput] = deque()
+        self._queue: deque[PendingInput] = deque()  # the inputs of embedding requests
+        self._documents: deque[PendingInput] = deque()  # the chunks of chunk jobs with "embed"
         self._jobs: dict[str, EmbeddingJob] = {}
         self._chunk_jobs: deque[ChunkJob] = deque()
         self._batch = lc.llama_batch_init(self.model.n_batch, 0, 1)
@@ -107,20 +119,20 @@ class EmbeddingEngine:
     def abort(self, job_id: str) -> None:
         """Forget a job at once, reporting nothing (the loop has already answered its client)."""
         self._jobs.pop(job_id, None)
-        self._queue = deque(p for p in self._queue if p.job.job_id != job_id)
+        self._forget(lambda job: job.job_id == job_id)
         self._chunk_jobs = deque(j for j in self._chunk_jobs if j.job_id != job_id)
 
     def step(self) -> list[Event]:
-        if self._chunk_jobs:
-            return self._run_chunk_job(self._chunk_jobs.popleft())
         events = self._drop_cancelled()
+        if self._chunk_jobs:
+            events += self._chunk_some(self._chunk_jobs[0])
         taken: list[PendingInput] = []
         n_tokens = 0
-        while self._queue and len(taken) < MAX_SEQUENCES \
-                and n_tokens + len(self._queue[0].tokens) <= self.model.n_batch:
-            item = self._queue.popleft()
-            taken.append(item)
-            n_tokens += len(item.tokens)
+        for queue in (self._queue, self._documents):
+            while queue and len(taken) < MAX_SEQUENCES and n_tokens + len(queue[0].tokens) <= self.model.n_batch:
+                item = queue.popleft()
+                taken.append(item)
+                n_tokens += len(item.tokens)
         if not taken:
             return events
         jobs = list({id(t.job): t.job for t in taken}.values())
@@ -145,7 +157,7 @@ class EmbeddingEngine:
     # -- internals -----------------------------------------------------------------------
     def _tokens(self, item, i: int) -> list[int]:
         if isinstance(item, str):
-            return self.model.tokenize(item, add_special=True, parse_special=False)
+            return self._tokenize(item)
         if isinstance(item, list) and all(isinstance(t, int) and 0 <= t < self.model.n_vocab for t in item):
             return list(item)
         raise JobError(ewp.INVALID_REQUEST, f"input[{i}] must be a string or a list of token ids below "
@@ -173,7 +185,13 @@ class EmbeddingEngine:
 
     def _enqueue(self, job: EmbeddingJob, inputs: list[list[int]]) -> None:
         self._jobs[job.job_id] = job
-        self._queue.extend(PendingInput(job, i, t) for i, t in enumerate(inputs))
+        queue = self._queue if job.texts is None else self._documents
+        queue.extend(PendingInput(job, i, t) for i, t in enumerate(inputs))
+
+    def _forget(self, drop) -> None:
+        """Take the queued inputs of the jobs for which ``drop(job)`` is true out of the queues."""
+        self._queue = deque(p for p in self._queue if not drop(p.job))
+        self._documents = deque(p for p in self._documents if not drop(p.job))
 
     @staticmethod
     def _done(job_id: str, reason: str | None, prompt_tokens: int) -> Event:
@@ -181,42 +199,74 @@ class EmbeddingEngine:
             "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
 
     def _drop_cancelled(self) -> list[Event]:
-        cancelled = [j for j in self._jobs.values() if j.cancelled]
+        cancelled = [j.job_id for j in self._jobs.values() if j.cancelled]
+        cancelled += [j.job_id for j in self._chunk_jobs if j.cancelled]
         if not cancelled:
             return []
-        self._queue = deque(p for p in self._queue if not p.job.cancelled)
-        for job in cancelled:
-            del self._jobs[job.job_id]
-        return [self._done(job.job_id, "cancelled", 0) for job in cancelled]
+        self._forget(lambda job: job.cancelled)
+        self._chunk_jobs = deque(j for j in self._chunk_jobs if not j.cancelled)
+        for job_id in cancelled:
+            self._jobs.pop(job_id, None)
+        return [self._done(job_id, "cancelled", 0) for job_id in cancelled]
 
     def _fail(self, job: EmbeddingJob, message: str) -> Event:
         self._jobs.pop(job.job_id, None)
-        self._queue = deque(p for p in self._queue if p.job is not job)
+        self._forget(lambda queued: queued is job)
         return Event(job.job_id, ewp.ERROR, ewp.error_body(ewp.INTERNAL_ERROR, message))
 
-    @staticmethod
-    def _chunk_job(job_id: str, request: dict) -> ChunkJob:
-        if not isinstance(request.get("text"), str):
+    def _chunk_job(self, job_id: str, request: dict) -> ChunkJob:
+        text, capacity, max_chunks = request.get("text"), request.get("capacity"), request.get("max_chunks")
+        if not isinstance(text, str):
             raise JobError(ewp.INVALID_REQUEST, "a chunk job needs 'text'", "text")
-        capacity = request.get("capacity")
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise JobError(ewp.INVALID_REQUEST, "'chunk_capacity' must be a positive integer",
                            "chunk_capacity")
-        return ChunkJob(job_id, request["text"], capacity, bool(request.get("embed")))
+        if max_chunks is not None and (not isinstance(max_chunks, int) or isinstance(max_chunks, bool)
+                                       or max_chunks < 1):
+            raise JobError(ewp.INVALID_REQUEST, "'max_chunks' must be a positive integer", "max_chunks")
+        capacity = min(capacity, self.max_input)
+        return ChunkJob(job_id, iter_chunks(text, capacity, self._count_tokens), capacity,
+                        bool(request.get("embed")), max_chunks)
 
-    def _run_chunk_job(self, job: ChunkJob) -> list[Event]:
-        """Split the text; then either report the chunks, or queue them to be embedded (their
-        CHUNK events carry text and vector)."""
-        if job.cancelled:
-            return [self._done(job.job_id, "cancelled", 0)]
-        count = lambda text: len(self.model.tokenize(text, add_special=True, parse_special=False))  # noqa: E731
+    def _count_tokens(self, text: str) -> int:
+        return len(self._tokenize(text))
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_special=True, parse_special=False)
+
+    def _chunk_some(self, job: ChunkJob) -> list[Event]:
+        """Advance the oldest chunk job by one slice. Without "embed" its chunks are reported as
+        they come; with it they are kept, and queued to be embedded (their CHUNK events then carry
+        text and vector) once the whole document is split and known to be within max_chunks."""
+        deadline = time.monotonic() + CHUNKING_SLICE
+        events = []
         try:
-            chunks = split_text(job.text, min(job.capacity, self.max_input), count)
-        except ValueError as exc:
-            return [Event(job.job_id, ewp.ERROR, ewp.error_body(ewp.INVALID_REQUEST, str(exc), "chunk_capacity"))]
-        if job.embed and chunks:
-            inputs = [self.model.tokenize(c, add_special=True, parse_special=False) for c in chunks]
-            self._enqueue(EmbeddingJob(job.job_id, len(chunks), sum(map(len, inputs)), texts=chunks), inputs)
-            return []
-        events = [Event(job.job_id, ewp.CHUNK, {"index": i, "text": chunk}) for i, chunk in enumerate(chunks)]
+            for text in job.chunks:
+                if job.made == job.max_chunks:
+                    self._chunk_jobs.popleft()
+                    return events + [Event(job.job_id, ewp.ERROR, ewp.error_body(
+                        ewp.INVALID_REQUEST, f"the document splits into more than {job.max_chunks} chunks "
+                        f"of {job.capacity} tokens, the most this server takes per document: raise "
+                        "chunk_capacity or split the file", "chunk_capacity"))]
+                if job.embed:
+                    job.texts.append(text)
+                    job.inputs.append(self._tokenize(text))
+                else:
+                    events.append(Event(job.job_id, ewp.CHUNK, {"index": job.made, "text": text}))
+                job.made += 1
+                if time.monotonic() >= deadline:
+                    return events
+        except ValueError as exc:  # the capacity cannot hold a character of this text
+            self._chunk_jobs.popleft()
+            return events + [Event(job.job_id, ewp.ERROR,
+                                   ewp.error_body(ewp.INVALID_REQUEST, str(exc), "chunk_capacity"))]
+        except Exception as exc:  # fail this job, not the worker
+            self._chunk_jobs.popleft()
+            return events + [Event(job.job_id, ewp.ERROR, ewp.error_body(
+                ewp.INTERNAL_ERROR, f"chunking failed ({type(exc).__name__}: {exc})"))]
+        self._chunk_jobs.popleft()
+        if job.embed and job.texts:
+            self._enqueue(EmbeddingJob(job.job_id, len(job.texts), sum(map(len, job.inputs)), texts=job.texts),
+                          job.inputs)
+            return events
         return events + [self._done(job.job_id, "stop", 0)]

@@ -33,7 +33,7 @@ Worker -> broker
 
 Broker -> worker
     JOB        [EWP1, JOB, job, body]         {"kind", ...request fields...}: kind "chat",
-                                              "embedding", or "chunk" {"text", "capacity", "embed"}
+                                              "embedding", or "chunk" {"text", "capacity", "embed", "max_chunks"}
     CANCEL     [EWP1, CANCEL, job]            stop the job and free its slot; the worker answers DONE
                                               with finish_reason "cancelled" (or nothing if it never had it)
     HEARTBEAT  [EWP1, HEARTBEAT]              the broker is alive

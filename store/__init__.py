@@ -1,6 +1,5 @@
-"""Persistent storage for edgellm: uploaded files, vector collections and text chunking."""
+"""Persistent storage for edgellm: uploaded files, vector collections, documents and their chunks."""
 
-from .chunking import split_text
 from .errors import (
     CollectionConflict,
     CollectionNotFound,
@@ -35,5 +34,4 @@ __all__ = [
     "StoreError",
     "UpsertStatus",
     "content_hash",
-    "split_text",
 ]

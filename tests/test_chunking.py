@@ -1,4 +1,4 @@
-"""Properties of store.chunking.split_text."""
+"""Properties of the chunker (worker/chunking.py)."""
 
 import base64
 import random
@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from store import split_text
-from store.chunking import MAX_CHARS_PER_TOKEN, _sections, iter_chunks
+from worker.chunking import MAX_CHARS_PER_TOKEN, _sections, iter_chunks, split_text
 
 
 def words(text):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp as lc
 
-from store.chunking import iter_chunks
+from worker.chunking import iter_chunks
 from worker import protocol as ewp
 from worker.loop import Event, JobError
 from worker.model import LoadedModel, ModelLoadError

@@ -26,7 +26,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from frontend import validation as v
-from frontend.broker import Broker, BrokerLimits, RemoteListener
+from frontend.broker import Broker, BrokerLimits, RemoteListener, Watchdog
 from frontend.chat_api import ChatResponder, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import embeddings_response, parse_embeddings
@@ -36,10 +36,13 @@ from frontend.rag import Knowledge, check_text_file, last_user_text, merge_conte
 from frontend.supervisor import Supervisor
 from store import FileRecord, Store, StoreError
 from worker import protocol as ewp
+from worker.keys import KeyFileError, authorized_keys
 
 log = logging.getLogger("edgellm.server")
 
 __version__ = "0.1.0"
+
+BROKER_DOWN_GRACE = 2.0  # seconds between the broker's death and the exit: waiting requests get their 503
 
 
 def sse(data) -> bytes:
@@ -64,11 +67,14 @@ class EdgeLLM:
         self.created = int(time.time())
         Path(config.store_path).parent.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.store_path)
-        self.broker = Broker(config.worker_addr, limits=BrokerLimits(config.queue_size, config.queue_timeout),
-                             remote=remote_listener(config))
+        self.broker = Broker(config.worker_addr, remote=remote_listener(config), limits=BrokerLimits(
+            config.queue_size, config.queue_timeout, max_message_bytes=config.worker_max_message_bytes,
+            message_rate=config.worker_message_rate, remote_max_slots=config.remote_worker_max_slots))
         self.supervisor = Supervisor(config.models, self.broker.worker_addr,
                                      verbose=config.log_level == "debug", on_exit=self.broker.worker_exited)
-        self.jobs = JobRunner(self.broker.clients_addr, config.queue_timeout, config.request_timeout)
+        self.jobs = JobRunner(self.broker.clients_addr, config.queue_timeout, config.request_timeout,
+                              broker_problem=self.broker.problem)
+        self.watchdog: Watchdog | None = None
         self.knowledge = Knowledge(self.store, self.jobs, chunk_capacity=config.chunk_capacity)
         self.url_map = Map([
             Rule("/v1/chat/completions", endpoint="chat_completions", methods=["POST"]),
@@ -86,12 +92,17 @@ class EdgeLLM:
         ])
 
     # -- lifecycle -----------------------------------------------------------------------
-    def start(self) -> "EdgeLLM":
+    def start(self, on_broker_down=None) -> "EdgeLLM":
+        """Start the broker and the workers; ``on_broker_down(problem)`` is called if the broker dies."""
         self.broker.start()
+        if on_broker_down is not None:
+            self.watchdog = Watchdog(self.broker, on_broker_down).start()
         self.supervisor.start()
         return self
 
     def stop(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.supervisor.stop()
         self.broker.stop()
         self.store.close()
@@ -287,6 +298,9 @@ class EdgeLLM:
         return json_response({"object": "list", "data": data})
 
     def on_health(self, request: Request) -> Response:
+        problem = self.broker.problem()
+        if problem:
+            return json_response({"status": "broker_down", "problem": problem}, status=503)
         snapshot = self.broker.snapshot()
         waiting = [m.name for m in self.config.models
                    if m.workers > 0 and not snapshot.get(m.name, {}).get("workers")]
@@ -306,7 +320,15 @@ def remote_listener(config: ServerConfig) -> RemoteListener | None:
         public, secret = zmq.auth.load_certificate(config.curve_secret_key_file)
         if secret is None:
             raise ConfigError(f"{config.curve_secret_key_file} holds no secret key (use the .key_secret file)")
-    return RemoteListener(config.remote_worker_addr, public, secret, config.curve_authorized_keys)
+    bindings = None
+    if config.curve_authorized_keys:
+        try:
+            bindings = authorized_keys(config.curve_authorized_keys)
+        except KeyFileError as exc:
+            raise ConfigError(str(exc)) from None
+        if not bindings:
+            log.warning("no worker key (*.key) in %s: no remote worker can connect", config.curve_authorized_keys)
+    return RemoteListener(config.remote_worker_addr, public, secret, bindings)
 
 
 def create_app(config: ServerConfig) -> EdgeLLM:
@@ -325,8 +347,19 @@ def serve(argv: list[str]) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    broker_down: list[str] = []
+
+    def on_broker_down(problem: str) -> None:
+        log.critical("exiting in %gs so that a supervisor restarts the server (the broker is down: %s)",
+                     BROKER_DOWN_GRACE, problem)
+        broker_down.append(problem)
+        timer = threading.Timer(BROKER_DOWN_GRACE, shutdown)
+        timer.daemon = True
+        timer.start()
+
     try:
-        app = create_app(config).start()
+        app = create_app(config).start(on_broker_down)
     except StoreError as exc:
         log.error("cannot open the store %s: %s", config.store_path, exc)
         return 2
@@ -345,7 +378,6 @@ def serve(argv: list[str]) -> int:
         return conn, addr
 
     httpd.get_request = get_request
-    stop = threading.Event()
 
     def shutdown(*_):
         if not stop.is_set():
@@ -361,7 +393,7 @@ def serve(argv: list[str]) -> int:
         httpd.serve_forever()
     finally:
         app.stop()
-    return 0
+    return 1 if broker_down else 0
 
 
 def main(argv: list[str] | None = None) -> int:

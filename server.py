@@ -27,7 +27,7 @@ from werkzeug.wrappers import Request, Response
 
 from frontend import validation as v
 from frontend.access import AccessPolicy, exposure_warnings
-from frontend.broker import Broker, BrokerLimits, RemoteListener
+from frontend.broker import Broker, BrokerLimits, RemoteListener, Watchdog
 from frontend.chat_api import ChatResponder, check_chat_context, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import check_input_context, embeddings_response, parse_embeddings
@@ -39,11 +39,14 @@ from frontend.request_body import read_json
 from frontend.supervisor import Supervisor
 from store import FileRecord, Store, StoreError
 from worker import protocol as ewp
+from worker.keys import KeyFileError, authorized_keys
 from worker.settings import ModelSettings
 
 log = logging.getLogger("edgellm.server")
 
 __version__ = "0.1.0"
+
+BROKER_DOWN_GRACE = 2.0  # seconds between the broker's death and the exit: waiting requests get their 503
 
 
 def sse(data) -> bytes:
@@ -70,12 +73,14 @@ class EdgeLLM:
         Path(config.store_path).parent.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.store_path)
         context = zmq.Context.instance()  # the process's one ZeroMQ context: inproc needs both ends in it
-        self.broker = Broker(config.worker_addr, limits=BrokerLimits(config.queue_size, config.queue_timeout),
-                             context=context, remote=remote_listener(config))
+        self.broker = Broker(config.worker_addr, context=context, remote=remote_listener(config), limits=BrokerLimits(
+            config.queue_size, config.queue_timeout, max_message_bytes=config.worker_max_message_bytes,
+            message_rate=config.worker_message_rate, remote_max_slots=config.remote_worker_max_slots))
         self.supervisor = Supervisor(config.models, self.broker.worker_addr,
                                      verbose=config.log_level == "debug", on_exit=self.broker.worker_exited)
         self.jobs = JobRunner(self.broker.clients_addr, config.queue_timeout, config.request_timeout,
-                              context=context)
+                              context=context, broker_problem=self.broker.problem)
+        self.watchdog: Watchdog | None = None
         self.knowledge = Knowledge(self.store, self.jobs, chunk_capacity=config.chunk_capacity,
                                    max_chunks=config.max_document_chunks)
         self.access = AccessPolicy(api_keys=config.api_keys, cors_origins=config.cors_origins,
@@ -96,12 +101,17 @@ class EdgeLLM:
         ])
 
     # -- lifecycle -----------------------------------------------------------------------
-    def start(self) -> "EdgeLLM":
+    def start(self, on_broker_down=None) -> "EdgeLLM":
+        """Start the broker and the workers; ``on_broker_down(problem)`` is called if the broker dies."""
         self.broker.start()
+        if on_broker_down is not None:
+            self.watchdog = Watchdog(self.broker, on_broker_down).start()
         self.supervisor.start()
         return self
 
     def stop(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.supervisor.stop()
         self.broker.stop()
         self.store.close()
@@ -309,6 +319,9 @@ class EdgeLLM:
         return json_response({"object": "list", "data": data})
 
     def on_health(self, request: Request) -> Response:
+        problem = self.broker.problem()
+        if problem:
+            return json_response({"status": "broker_down", "problem": problem}, status=503)
         snapshot = self.broker.snapshot()
         waiting = [m.name for m in self.config.models
                    if m.workers > 0 and not snapshot.get(m.name, {}).get("workers")]
@@ -332,7 +345,15 @@ def remote_listener(config: ServerConfig) -> RemoteListener | None:
         public, secret = zmq.auth.load_certificate(config.curve_secret_key_file)
         if secret is None:
             raise ConfigError(f"{config.curve_secret_key_file} holds no secret key (use the .key_secret file)")
-    return RemoteListener(config.remote_worker_addr, public, secret, config.curve_authorized_keys)
+    bindings = None
+    if config.curve_authorized_keys:
+        try:
+            bindings = authorized_keys(config.curve_authorized_keys)
+        except KeyFileError as exc:
+            raise ConfigError(str(exc)) from None
+        if not bindings:
+            log.warning("no worker key (*.key) in %s: no remote worker can connect", config.curve_authorized_keys)
+    return RemoteListener(config.remote_worker_addr, public, secret, bindings)
 
 
 def create_app(config: ServerConfig) -> EdgeLLM:
@@ -353,8 +374,19 @@ def serve(argv: list[str]) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for warning in exposure_warnings(config.host, config.api_keys, config.cors_origins):
         log.warning(warning)
+    stop = threading.Event()
+    broker_down: list[str] = []
+
+    def on_broker_down(problem: str) -> None:
+        log.critical("exiting in %gs so that a supervisor restarts the server (the broker is down: %s)",
+                     BROKER_DOWN_GRACE, problem)
+        broker_down.append(problem)
+        timer = threading.Timer(BROKER_DOWN_GRACE, shutdown)
+        timer.daemon = True
+        timer.start()
+
     try:
-        app = create_app(config).start()
+        app = create_app(config).start(on_broker_down)
     except StoreError as exc:
         log.error("cannot open the store %s: %s", config.store_path, exc)
         return 2
@@ -373,7 +405,6 @@ def serve(argv: list[str]) -> int:
         return conn, addr
 
     httpd.get_request = get_request
-    stop = threading.Event()
 
     def shutdown(*_):
         if not stop.is_set():
@@ -389,7 +420,7 @@ def serve(argv: list[str]) -> int:
         httpd.serve_forever()
     finally:
         app.stop()
-    return 0
+    return 1 if broker_down else 0
 
 
 def main(argv: list[str] | None = None) -> int:

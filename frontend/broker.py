@@ -10,6 +10,18 @@ workers, and turns a silent worker's jobs into errors.
 
 An ERROR the broker sends a request carries only code, message and param: HTTP headers are
 the HTTP layer's business (frontend/errors.py), never a worker's.
+
+Every byte from a worker socket is hostile. The sockets bound every frame (ZMQ_MAXMSGSIZE); the
+loop reads each socket a bounded number of messages per turn, so no peer can keep it from the
+others; each peer's messages beyond its rate are dropped before they are parsed
+(frontend/worker_guard.py); each message is checked against the protocol's schema
+(worker/protocol.py), and one that still makes its handler raise is logged and dropped. On the
+remote socket a worker may register only the model names its CURVE key is bound to, with at
+most ``remote_max_slots`` slots (local workers, on the ipc or loopback ``worker_addr``, are the
+server's own and trusted; so are plain-tcp loopback remote workers, a test set-up the
+configuration allows only on loopback). Should the loop die or hang all the same, ``problem()``
+says so: /health answers 503, waiting requests fail at once, and ``Watchdog`` tells the server,
+which exits so that its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -26,27 +38,38 @@ import zmq
 
 from frontend.errors import RETRY_AFTER_SECONDS
 from frontend.model_pool import Job, ModelPool, WorkerKey, WorkerRecord
+from frontend.worker_guard import KeyGate, PeerLimiter, ThrottledLog
 from worker import protocol as ewp
 
 log = logging.getLogger("edgellm.broker")
 
 MAX_ATTEMPTS = 2  # workers a job may be sent to when the first dies before answering
+MAX_PER_TURN = 64  # messages read from one socket per loop turn before the others get theirs
+STALL_LIMIT = 30.0  # seconds without a loop turn after which the broker counts as hung
+# A connection to the remote socket that has not finished its handshake (CURVE) by then is closed:
+# ZeroMQ caps neither the connections nor their file descriptors, so idle ones must not linger.
+REMOTE_HANDSHAKE_MS = 10_000
+_JOB_REPLIES = (ewp.CHUNK, ewp.DONE, ewp.ERROR)
 
 
 @dataclass(frozen=True)
 class RemoteListener:
-    """A second worker socket for workers on other machines, with CURVE when keys are given."""
+    """A second worker socket for workers on other machines: CURVE with authorized keys, each bound
+    to the model names it may serve (worker/keys.py); without keys, plain tcp on loopback (tests)."""
 
     addr: str  # e.g. tcp://0.0.0.0:5555
     server_public: bytes | None = None
     server_secret: bytes | None = None
-    authorized_keys_dir: str | None = None  # public keys of the workers allowed to connect
+    bindings: dict[str, frozenset[str]] | None = None  # public key (Z85) -> model names it may serve
 
 
 @dataclass(frozen=True)
 class BrokerLimits:
     queue_size: int  # jobs waiting per model before new ones get 503 at once
     queue_timeout: float  # seconds a job may wait for a free slot
+    max_message_bytes: int  # largest frame a worker may send (ZMQ_MAXMSGSIZE)
+    message_rate: float  # messages a second per peer, besides the output of its own jobs
+    remote_max_slots: int  # most slots a worker on the remote socket may register
 
 
 class Broker:
@@ -58,10 +81,13 @@ class Broker:
         self.limits = limits
         self.heartbeat_interval = heartbeat_interval
         self.silence_limit = heartbeat_interval * heartbeat_liveness  # seconds after which a worker is dead
+        self.limiter = PeerLimiter(limits.message_rate, log)
+        self.throttled = ThrottledLog(log)
+        self.gate: KeyGate | None = None  # the remote socket's authorized keys, when it has them
+        self._authenticator = None
         self.worker_socks = [self._bind_workers(worker_addr)]
         self.worker_addr = self.worker_socks[0].getsockopt_string(zmq.LAST_ENDPOINT)
         self.remote_addr = None
-        self._authenticator = None
         if remote is not None:
             self.worker_socks.append(self._bind_workers(remote.addr, remote))
             self.remote_addr = self.worker_socks[1].getsockopt_string(zmq.LAST_ENDPOINT)
@@ -76,24 +102,33 @@ class Broker:
         self._exited_pids: SimpleQueue[int] = SimpleQueue()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._failure: str | None = None  # why the loop died, once it has
+        self._turned_at = time.monotonic()  # when the loop last finished a turn
         self._thread = threading.Thread(target=self._run, name="broker", daemon=True)
 
     def _bind_workers(self, addr: str, remote: RemoteListener | None = None) -> zmq.Socket:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)  # a bigger frame drops the peer
+        if remote is not None:
+            sock.setsockopt(zmq.HANDSHAKE_IVL, REMOTE_HANDSHAKE_MS)
         if remote is not None and remote.server_secret:
-            if remote.authorized_keys_dir:
-                # ZAP: only workers whose public key is in the directory may connect.
-                from zmq.auth.thread import ThreadAuthenticator
-                self._authenticator = ThreadAuthenticator(self.context)
-                self._authenticator.start()
-                self._authenticator.configure_curve(domain="*", location=remote.authorized_keys_dir)
+            if remote.bindings is None:
+                raise ValueError("CURVE on the remote worker socket needs authorized keys")
+            # ZAP: only workers whose public key is authorized get in; ZeroMQ stamps their messages
+            # with that key (User-Id), which says which model names they may register.
+            from zmq.auth.thread import ThreadAuthenticator
+            self.gate = KeyGate(remote.bindings, log)
+            self._authenticator = ThreadAuthenticator(self.context, log=logging.getLogger("edgellm.zap"))
+            self._authenticator.start()
+            self._authenticator.configure_curve_callback("*", self.gate)
             sock.curve_server = True
             sock.curve_secretkey = remote.server_secret
             sock.curve_publickey = remote.server_public
-        elif remote is not None:
-            log.warning("remote workers on %s connect WITHOUT authentication or encryption; "
-                        "configure CURVE keys unless this network is trusted", addr)
+        elif addr.startswith("tcp://"):
+            log.warning("%s workers on %s connect WITHOUT authentication or encryption and may register any "
+                        "model name: anything that can reach this loopback address can serve (and read) "
+                        "requests", "remote" if remote is not None else "local", addr)
         sock.bind(addr)
         return sock
 
@@ -104,6 +139,19 @@ class Broker:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+    def problem(self) -> str | None:
+        """Why the broker cannot serve (its loop died, or has hung), or None while it runs."""
+        if self._failure is not None:
+            return self._failure
+        if self._thread.ident is None or self._stop.is_set():
+            return None  # not started yet, or stopping
+        if not self._thread.is_alive():
+            return "the broker thread has exited"
+        stalled = time.monotonic() - self._turned_at
+        if stalled > STALL_LIMIT:
+            return f"the broker loop has not turned for {stalled:.0f}s"
+        return None
 
     def worker_exited(self, pid: int) -> None:
         """A local worker process died (the supervisor saw it): drop it now, not after heartbeats."""
@@ -116,6 +164,15 @@ class Broker:
 
     # -- loop ------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug: say so (problem(), the log) rather than die silently
+            self._failure = f"the broker thread failed: {type(exc).__name__}: {str(exc)[:200]}"
+            log.critical("%s", self._failure, exc_info=True)
+        finally:
+            self._close()
+
+    def _loop(self) -> None:
         poller = zmq.Poller()
         for sock in self.worker_socks:
             poller.register(sock, zmq.POLLIN)
@@ -124,15 +181,14 @@ class Broker:
         while not self._stop.is_set():
             try:
                 ready = dict(poller.poll(int(self.heartbeat_interval * 1000 / 4)))
+                for index, sock in enumerate(self.worker_socks):
+                    if sock in ready:
+                        self._read(sock, lambda frames, index=index: self._from_worker(index, frames),
+                                   copy=index == 0 or self.gate is None)
+                if self.clients_sock in ready:
+                    self._read(self.clients_sock, self._from_client)
             except zmq.ContextTerminated:
                 break
-            for index, sock in enumerate(self.worker_socks):
-                if sock in ready:
-                    while sock.poll(0):
-                        self._from_worker(index, sock.recv_multipart())
-            if self.clients_sock in ready:
-                while self.clients_sock.poll(0):
-                    self._from_client(self.clients_sock.recv_multipart())
             while not self._exited_pids.empty():
                 pid = self._exited_pids.get()
                 # Only workers on the local socket (index 0): a remote worker's pid is another machine's.
@@ -143,9 +199,27 @@ class Broker:
                 for identity in self.workers:
                     self._to_worker(identity, ewp.HEARTBEAT)
                 next_heartbeat = now + self.heartbeat_interval
+                self.limiter.forget_idle(now)
             self._expire(now)
             self._dispatch()
             self._publish()
+            self._turned_at = time.monotonic()
+
+    def _read(self, sock: zmq.Socket, handle, copy: bool = True) -> None:
+        """Handle at most MAX_PER_TURN waiting messages of one socket (the others' turn comes next).
+        A message whose handler raises is logged and dropped: nothing a peer sends ends the loop."""
+        for _ in range(MAX_PER_TURN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception:
+                self.throttled.warning(("handler", sock.type), "dropped a message whose handling failed",
+                                       exc_info=True)
+
+    def _close(self) -> None:
         for sock in self.worker_socks:
             sock.close(0)
         self.clients_sock.close(0)
@@ -179,24 +253,35 @@ class Broker:
     def _heard_from(self, worker: WorkerRecord) -> None:
         worker.expiry = time.monotonic() + self.silence_limit
 
-    def _from_worker(self, index: int, frames: list[bytes]) -> None:
-        if len(frames) < 2:
-            log.warning("dropped a message without identity from a worker")
+    def _from_worker(self, index: int, frames: list) -> None:
+        """One message from a worker socket: frames are bytes, or zmq.Frames (with the sender's
+        CURVE key as User-Id) on the remote socket when it has authorized keys."""
+        if len(frames) < 2 or len(frames) > 5:  # identity, then at most protocol, command, job id, body
+            self.throttled.warning(("frames", index), "dropped a message of %d frames from a worker", len(frames))
             return
+        user_id = None
+        if not isinstance(frames[0], bytes):
+            user_id = _user_id(frames[1])
+            frames = [frame.bytes for frame in frames]
         identity, frames = (index, frames[0]), frames[1:]
+        peer = user_id or identity  # one rate and one log throttle per key, or else per connection
         worker = self.workers.get(identity)
+        label = self._label(identity, user_id)
+        if not self._answers_own_job(worker, frames) and not self.limiter.allow(peer, label, time.monotonic()):
+            return
         if worker is not None:
             self._heard_from(worker)  # any message proves it alive, as any message from us does to it
         try:
             msg = ewp.decode(frames)
         except ewp.ProtocolError as exc:
-            log.warning("dropped a bad message from worker %s: %s", identity[1].hex(), exc)
+            self.throttled.warning((peer, "bad"), "dropped a bad message from worker %s: %s", label, exc)
             return
         if msg.command == ewp.READY:
-            self._register(identity, msg.body)
+            self._register(identity, msg.body, user_id, label)
             return
         if worker is None:
-            log.info("message %s from an unregistered worker: asking it to register", msg.name)
+            self.throttled.info((peer, "unregistered"), "message %s from unregistered worker %s: asking it to "
+                                "register", msg.name, label)
             self._to_worker(identity, ewp.DISCONNECT)
             return
         if msg.command == ewp.HEARTBEAT:
@@ -242,12 +327,30 @@ class Broker:
         else:
             self._fail(job, msg.body["code"], msg.body["message"], msg.body.get("param"))
 
-    def _register(self, identity: WorkerKey, body: dict) -> None:
-        model, kind, slots = body.get("model"), body.get("kind"), body.get("slots")
-        if not isinstance(model, str) or not model or kind not in ewp.MODEL_KINDS \
-                or not isinstance(slots, int) or slots < 1:
-            log.warning("dropped a READY with a bad body from %s: %r", identity[1].hex(), body)
+    @staticmethod
+    def _answers_own_job(worker: WorkerRecord | None, frames: list[bytes]) -> bool:
+        """A CHUNK, DONE or ERROR for a job the broker gave this worker: its rate is the job's output
+        rate, which the rate limit must not cut short."""
+        return worker is not None and len(frames) >= 3 and frames[1] in _JOB_REPLIES and len(frames[2]) == 32 \
+            and frames[2].decode("ascii", "replace") in worker.jobs
+
+    def _label(self, identity: WorkerKey, user_id: str | None) -> str:
+        """How the logs name a peer: its socket, its connection, and its key when it has one."""
+        where = "local" if identity[0] == 0 else "remote"
+        return f"{where}:{identity[1].hex()}" + (f" (key {user_id})" if user_id else "")
+
+    def _register(self, identity: WorkerKey, body: dict, user_id: str | None, label: str) -> None:
+        peer = user_id or identity
+        problem = ewp.check_ready(body)
+        if problem:
+            self.throttled.warning((peer, "ready"), "dropped a READY with a bad body from worker %s: %s", label,
+                                   problem)
             return
+        refusal = self._registration_refused(identity, body, user_id)
+        if refusal:
+            self.throttled.warning((peer, "refused"), "refused to register worker %s: %s", label, refusal)
+            return
+        model, kind, slots = body["model"], body["kind"], body["slots"]
         if identity in self.workers:
             self._drop_worker(identity, "the worker registered again")
         worker = WorkerRecord(identity, model, kind, slots, body)
@@ -256,6 +359,22 @@ class Broker:
         self._pool(model).add(worker)
         log.info("worker %r registered: model %r (%s), %d slots, pid %r", body.get("worker_id"), model, kind,
                  slots, body.get("pid"))
+
+    def _registration_refused(self, identity: WorkerKey, body: dict, user_id: str | None) -> str | None:
+        """Why this worker may not register this model, or None. Local workers may register any name;
+        remote ones only the names their key is bound to, with at most remote_max_slots slots."""
+        pool = self.pools.get(body["model"])
+        kinds = {w.kind for w in pool.workers.values() if w.identity != identity} if pool else set()
+        if kinds and body["kind"] not in kinds:
+            return f"model {body['model']!r} is served as {kinds.pop()} here, not {body['kind']}"
+        if identity[0] == 0:
+            return None
+        if self.gate is not None and body["model"] not in self.gate.models(user_id):
+            allowed = ", ".join(sorted(self.gate.models(user_id))) or "nothing"
+            return f"its key may serve {allowed}, not model {body['model']!r}"
+        if body["slots"] > self.limits.remote_max_slots:
+            return f"a remote worker may register at most {self.limits.remote_max_slots} slots, not {body['slots']}"
+        return None
 
     def _drop_worker(self, identity: WorkerKey, why: str) -> None:
         worker = self.workers.pop(identity)
@@ -275,7 +394,8 @@ class Broker:
                            "complete; please retry")
 
     def _expire(self, now: float) -> None:
-        """Drop the workers that have been silent too long, then fail the jobs that waited too long."""
+        """Drop the workers that have been silent too long, fail the jobs that waited too long, and
+        forget the pools left with neither (so that names that came and went do not pile up)."""
         for pool in self.pools.values():
             for worker in pool.expired_workers(now):
                 self._drop_worker(worker.identity, f"no heartbeat for {self.silence_limit:g}s: died or hung")
@@ -285,6 +405,7 @@ class Broker:
                           else "no worker for this model is running (still starting, or crashed)")
                 self._fail(job, "queue_timeout", f"model '{pool.model}' could not take the request within "
                            f"{pool.queue_timeout:g}s: {reason}; retry later")
+        self.pools = {name: pool for name, pool in self.pools.items() if pool.workers or pool.queue}
 
     # -- clients ---------------------------------------------------------------------------
     def _from_client(self, frames: list[bytes]) -> None:
@@ -333,3 +454,40 @@ class Broker:
         models = {name: shown for name, pool in self.pools.items() if (shown := pool.snapshot()) is not None}
         with self._lock:
             self._snapshot = models
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The CURVE public key ZAP authenticated the sender with (Z85), or None for an unauthenticated peer."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+
+
+class Watchdog:
+    """Watches a broker from a thread of its own and calls ``on_down(problem)`` once, the first time
+    ``broker.problem()`` reports one (the server then exits non-zero, so its supervisor restarts it)."""
+
+    def __init__(self, broker, on_down, interval: float = 0.5):
+        self.broker = broker
+        self.on_down = on_down
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            problem = self.broker.problem()
+            if problem is not None:
+                log.critical("the broker is down: %s", problem)
+                self.on_down(problem)
+                return

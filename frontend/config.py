@@ -15,7 +15,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from frontend.access import api_key_problem, host_setting_problem, origin_setting_problem
+from frontend.access import api_key_problem, host_setting_problem, is_loopback as is_loopback_host
+from frontend.access import origin_setting_problem
 from worker import protocol as ewp
 from worker.settings import ModelSettings, field_problems, server_flags, setting
 
@@ -76,8 +77,17 @@ class ServerConfig:
                                                 help="the server's CURVE key pair (edgellm keys): encrypt "
                                                      "the remote worker address")
     curve_authorized_keys: str | None = setting(None, flag="--curve-authorized-keys",
-                                                help="folder of worker public keys (*.key) allowed to "
-                                                     "connect to the remote worker address")
+                                                help="folder of worker public keys (*.key, each with the "
+                                                     "models it may serve) allowed to connect to the "
+                                                     "remote worker address")
+    remote_worker_max_slots: int = setting(64, flag="--remote-worker-max-slots", type=int, min=1,
+                                           help="most slots a remote worker may register")
+    worker_max_message_bytes: int = setting(4 * 1024 * 1024, flag="--worker-max-message-bytes", type=int, min=1024,
+                                            help="largest frame a worker may send; a bigger one "
+                                                 "disconnects it")
+    worker_message_rate: float = setting(200.0, flag="--worker-message-rate", type=float, min=1.0,
+                                         help="messages a second one worker may send besides its "
+                                              "jobs' output (bursts up to as many); the rest are dropped")
     store_path: str = setting("data/edgellm.db", flag="--store-path",
                               help="sqlite-vec file for files, documents, chunks and vectors")
     max_file_bytes: int = setting(10 * 1024 * 1024, flag="--max-file-bytes", type=int, min=1,
@@ -272,10 +282,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None)
 def validate(config: ServerConfig) -> None:
     for problem in config.problems():
         raise ConfigError(problem)
-    if config.curve_authorized_keys and not config.curve_secret_key_file:
-        raise ConfigError("curve_authorized_keys needs curve_secret_key_file (the server's key pair)")
-    if config.curve_secret_key_file and not config.remote_worker_addr:
-        raise ConfigError("CURVE keys apply to remote workers: set remote_worker_addr too")
+    _check_worker_addresses(config)
     problems = [api_key_problem(k) for k in config.api_keys]
     problems += [origin_setting_problem(o) for o in config.cors_origins]
     problems += [host_setting_problem(h) for h in config.allowed_hosts]
@@ -301,3 +308,34 @@ def validate(config: ServerConfig) -> None:
             if getattr(m, key) and len(getattr(m, key)) != m.workers:
                 raise ConfigError(f"model {m.name!r}: {key} lists {len(getattr(m, key))} entries for "
                                   f"{m.workers} workers")
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether a ZeroMQ address is reachable from this machine only: ipc, inproc, or tcp on a
+    loopback IP (127.0.0.0/8, ::1) or localhost. Anything else (0.0.0.0, *, a LAN address, an
+    interface or host name) counts as reachable from the network."""
+    transport, _, rest = addr.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    return transport == "tcp" and is_loopback_host(rest.rpartition(":")[0].strip("[]"))
+
+
+def _check_worker_addresses(config: ServerConfig) -> None:
+    """Who may reach the worker sockets: every worker that registers a model serves (and reads) its requests."""
+    if config.worker_addr and not is_loopback(config.worker_addr):
+        raise ConfigError(f"worker_addr {config.worker_addr} is reachable from the network: local workers "
+                          "use an ipc:// or loopback tcp address; for workers on other machines use "
+                          "remote_worker_addr with CURVE keys")
+    if config.curve_authorized_keys and not config.curve_secret_key_file:
+        raise ConfigError("curve_authorized_keys needs curve_secret_key_file (the server's key pair)")
+    if config.curve_secret_key_file and not config.remote_worker_addr:
+        raise ConfigError("CURVE keys apply to remote workers: set remote_worker_addr too")
+    if config.curve_secret_key_file and not config.curve_authorized_keys:
+        raise ConfigError("curve_secret_key_file without curve_authorized_keys would let in any worker with "
+                          "any key pair: set curve_authorized_keys to the folder of the workers' public keys "
+                          "(edgellm keys NAME --models a,b)")
+    if config.remote_worker_addr and not is_loopback(config.remote_worker_addr) \
+            and not config.curve_secret_key_file:
+        raise ConfigError(f"remote_worker_addr {config.remote_worker_addr} is reachable from the network: "
+                          "set curve_secret_key_file and curve_authorized_keys (see 'Remote workers' in "
+                          "README.md), or use a loopback address")

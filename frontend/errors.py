@@ -64,6 +64,7 @@ ERRORS: dict[str, ErrorKind] = {
     "worker_timeout": ErrorKind(503, _SERVER, retryable=True),
     "worker_lost": ErrorKind(500, _SERVER, retryable=True),
     "worker_protocol_error": ErrorKind(500, _SERVER),
+    "broker_down": ErrorKind(503, _SERVER, retryable=True),  # the server restarts (frontend/broker.py Watchdog)
     # workers (worker/protocol.py's ERROR_CODES; internal_error and invalid_request_error are above)
     "context_length_exceeded": ErrorKind(400, _CLIENT),
     "worker_busy": ErrorKind(503, _SERVER, retryable=True),  # the broker requeues it; it never reaches HTTP

@@ -26,9 +26,10 @@ def client_gone(sock: socket.socket | None) -> bool:
     """Whether the HTTP client closed its connection (readable with nothing to read)."""
     if sock is None:
         return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    try:  # poll, not select: select() fails for descriptors above 1023, which many open sockets reach
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0)) and sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
 
@@ -46,7 +47,11 @@ class JobClient:
 
     def submit(self, model: str, body: dict) -> str:
         self.job_id = uuid.uuid4().hex
-        self.socket.send_multipart(ewp.encode(ewp.JOB, self.job_id, {**body, "model": model}))
+        try:  # never blocks: with the broker's socket gone (it died), a send would wait forever
+            self.socket.send_multipart(ewp.encode(ewp.JOB, self.job_id, {**body, "model": model}), zmq.NOBLOCK)
+        except zmq.Again:
+            self.finished = True
+            raise APIError("broker_down", "the server's broker is not taking jobs; retry shortly") from None
         return self.job_id
 
     def receive(self, timeout: float) -> ewp.Message | None:
@@ -65,22 +70,33 @@ class JobClient:
     def close(self) -> None:
         """Cancel the job unless it already ended, and close the socket."""
         if self.job_id is not None and not self.finished:
-            self.socket.send_multipart(ewp.encode(ewp.CANCEL, self.job_id))
+            try:
+                self.socket.send_multipart(ewp.encode(ewp.CANCEL, self.job_id), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the broker is gone, and the job with it
             self.finished = True
         self.socket.close(0)
 
 
 class JobRunner:
     def __init__(self, clients_addr: str, queue_timeout: float, request_timeout: float, *,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, broker_problem: Callable[[], str | None] | None = None):
         self.clients_addr = clients_addr  # the broker's (Broker.clients_addr)
         self.context = context or zmq.Context.instance()
         self.queue_timeout = queue_timeout
         self.request_timeout = request_timeout
+        self.broker_problem = broker_problem  # Broker.problem: a dead broker fails waits at once, not on timeout
+
+    def check_broker(self) -> None:
+        problem = self.broker_problem() if self.broker_problem else None
+        if problem:
+            raise APIError("broker_down", f"the server cannot reach its workers ({problem}); it is restarting, "
+                           "retry shortly")
 
     def start(self, model: str, job: dict, gone: Callable[[], bool] | None = None
               ) -> tuple[JobClient, ewp.Message]:
         """Submit a job and wait for its first CHUNK or DONE. The caller closes the client."""
+        self.check_broker()
         client = JobClient(self.clients_addr, self.context)
         try:
             client.submit(model, job)
@@ -99,6 +115,8 @@ class JobRunner:
         while msg is None and time.monotonic() < deadline:
             msg = client.receive(min(DISCONNECT_CHECK, max(0.0, deadline - time.monotonic())))
             now = time.monotonic()
+            if msg is None:
+                self.check_broker()
             if gone is not None and now - client.checked_at >= DISCONNECT_CHECK:
                 client.checked_at = now
                 if gone():

@@ -110,6 +110,16 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+def broker_limits(queue_size: int, queue_timeout: float, **overrides):
+    """A Broker's limits with the server's defaults (ServerConfig) for what a test does not set."""
+    from frontend.broker import BrokerLimits
+    from frontend.config import ServerConfig
+    defaults = {"max_message_bytes": ServerConfig.worker_max_message_bytes,
+                "message_rate": ServerConfig.worker_message_rate,
+                "remote_max_slots": ServerConfig.remote_worker_max_slots}
+    return BrokerLimits(queue_size, queue_timeout, **{**defaults, **overrides})
+
+
 def sse_events(response: httpx.Response) -> list:
     """The data payloads of a server-sent event stream ('[DONE]' kept as a string)."""
     events = []

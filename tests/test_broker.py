@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import zmq
 
-from frontend.broker import MAX_ATTEMPTS, Broker, BrokerLimits
+from conftest import broker_limits
+from frontend.broker import MAX_ATTEMPTS, Broker
 from frontend.errors import APIError, error_response
 from frontend.jobs import JobClient, JobRunner
 from worker import protocol as ewp
@@ -100,7 +101,7 @@ def make_broker(context):
 
     def make(queue_size: int = 4, queue_timeout: float = 3.0, liveness: int = 100) -> Broker:
         broker = Broker(f"inproc://workers-{uuid.uuid4().hex}", context=context,
-                        limits=BrokerLimits(queue_size, queue_timeout), heartbeat_interval=INTERVAL,
+                        limits=broker_limits(queue_size, queue_timeout), heartbeat_interval=INTERVAL,
                         heartbeat_liveness=liveness)
         broker.start()
         brokers.append(broker)
@@ -261,9 +262,10 @@ def test_an_error_with_headers_in_its_body_never_produces_headers(context, make_
                                             "param": "messages", "headers": {"Set-Cookie": "session=evil",
                                                                              "Retry-After": "3600"}})
         error = outcome.exception(timeout=5)
-    assert isinstance(error, APIError) and (error.code, error.param) == ("context_length_exceeded", "messages")
+    # A field outside the protocol's schema makes the whole reply malformed.
+    assert isinstance(error, APIError) and error.code == "worker_protocol_error"
     response = error_response(error)
-    assert response.status_code == 400
+    assert response.status_code == 500
     assert "Set-Cookie" not in response.headers and "Retry-After" not in response.headers
 
 
@@ -277,3 +279,43 @@ def test_an_error_code_a_worker_may_not_send_becomes_worker_protocol_error(conte
     error = wait_for(request.ended, alive=[worker])
     assert error.body["code"] == "worker_protocol_error"
     assert set(error.body) == {"code", "message", "param"}
+
+
+def test_the_rate_limit_spares_a_workers_job_output_but_not_the_rest(context, caplog):
+    """A peer's messages beyond its rate are dropped unread; the CHUNKs of a job the broker gave
+    that worker are its answer, and all of them get through."""
+    caplog.set_level(logging.WARNING, "edgellm.broker")
+    broker = Broker(f"inproc://workers-{uuid.uuid4().hex}", context=context, heartbeat_interval=INTERVAL,
+                    heartbeat_liveness=100, limits=broker_limits(4, 3.0, message_rate=5))
+    broker.start()
+    try:
+        [worker] = start_workers(context, broker, 1)
+        request = Request(context, broker)
+        job = worker.next(ewp.JOB)
+        for i in range(50):
+            worker.send(ewp.CHUNK, job.job_id, {"text": str(i)})
+        worker.send(ewp.DONE, job.job_id, {"finish_reason": "stop", "usage": USAGE})
+        wait_for(request.ended)
+        assert [m.body.get("text") for m in request.received[:-1]] == [str(i) for i in range(50)]
+
+        stranger = context.socket(zmq.DEALER)
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.connect(broker.worker_addr)
+        for _ in range(100):
+            stranger.send_multipart(ewp.encode(ewp.HEARTBEAT))
+        answers = []
+
+        def answered(least: int) -> bool:
+            while stranger.poll(0):
+                answers.append(ewp.decode(stranger.recv_multipart()).command)
+            return len(answers) >= least
+
+        wait_for(lambda: answered(5))
+        time.sleep(0.3)
+        answered(0)
+        assert set(answers) == {ewp.DISCONNECT}  # "register first", to each heartbeat it let through
+        assert 5 <= len(answers) < 50  # its burst of 5, plus what refilled meanwhile; not 100
+        assert "sends more than 5 messages a second" in caplog.text
+        stranger.close(0)
+    finally:
+        broker.stop()

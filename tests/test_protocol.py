@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from worker import protocol as ewp
@@ -46,4 +48,98 @@ def test_malformed_frames_raise_protocol_error(frames):
     (ewp.ERROR, {"code": "internal_error", "message": "y", "param": 3}, False),
 ])
 def test_job_body_checks(command, body, ok):
+    assert (ewp.check_job_body(ewp.Message(command, JOB_ID, body)) is None) == ok
+
+
+# -- the schema every frame from a worker is held to ------------------------------------------
+def body_frames(command: bytes, body: bytes, job_id: str | None = JOB_ID) -> list[bytes]:
+    return [ewp.PROTOCOL, command, *([job_id.encode()] if job_id else []), body]
+
+
+def test_a_body_nested_100000_deep_is_refused_before_json_loads_sees_it():
+    deep = b"[" * 100_000 + b"]" * 100_000  # json.loads would raise RecursionError on it
+    with pytest.raises(ewp.ProtocolError, match="nests deeper than 32"):
+        ewp.decode(body_frames(ewp.READY, b'{"model": ' + deep + b"}", None))
+
+
+@pytest.mark.parametrize("data, deeper", [
+    (b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}", False),  # 32 levels: the limit
+    (b'{"a": ' + b"[" * 32 + b"]" * 32 + b"}", True),
+    (b'{"text": "' + b"[" * 1000 + b'"}', False),  # brackets in strings do not count
+    (b'{"text": "\\"' + b"[" * 1000 + b'"}', False),  # nor after an escaped quote
+    (b'{"text": "\\\\"' + b", " + b"[" * 40 + b"]" * 40 + b"}", True),  # an escaped backslash ends no string
+    (b'{"text": "' + b"{" * 1000, False),  # an unterminated string runs to the end (and json.loads refuses it)
+    (b"[]" * 100_000, False),  # many brackets, shallow
+    (b"]" * 100 + b"[" * 10, False),  # unbalanced, shallow: json.loads refuses it
+])
+def test_nesting_depth_is_measured_outside_strings(data, deeper):
+    assert ewp.nests_deeper_than(data, ewp.MAX_JSON_DEPTH) == deeper
+
+
+def test_the_depth_scan_stays_linear_on_what_would_make_a_regex_backtrack():
+    started = time.monotonic()
+    for data in (b'"' + b'\\"' * 500_000, b'"\\' * 500_000, b'"' * 1_000_000, b"[" * 1_000_000):
+        ewp.nests_deeper_than(data, ewp.MAX_JSON_DEPTH)
+    assert time.monotonic() - started < 10  # a quadratic scan would take hours on these
+
+
+@pytest.mark.parametrize("body", [b'{"text": NaN}', b'{"text": Infinity}', b'{"text": -Infinity}',
+                                  b'{"index": ' + b"9" * 5000 + b"}", b'{"text": "a"'])
+def test_bodies_that_are_not_strict_json_are_refused(body):
+    with pytest.raises(ewp.ProtocolError, match="not JSON"):
+        ewp.decode(body_frames(ewp.CHUNK, body))
+
+
+READY = {"model": "m", "kind": "chat", "slots": 2, "n_ctx": 512, "pid": 7, "worker_id": "abc123",
+         "chat_template": True}
+
+
+@pytest.mark.parametrize("changes, ok", [
+    ({}, True),
+    ({"kind": "embedding", "n_embd": 384, "chat_template": None}, False),
+    ({"kind": "embedding", "n_embd": 384}, True),
+    ({"slots": ewp.MAX_SLOTS}, True),
+    ({"slots": ewp.MAX_SLOTS + 1}, False), ({"slots": 0}, False), ({"slots": True}, False), ({"slots": 2.0}, False),
+    ({"model": ""}, False), ({"model": "x" * (ewp.MAX_NAME + 1)}, False), ({"model": "a\nb"}, False),
+    ({"model": "\ud800"}, False), ({"model": 5}, False), ({"model": "Qwen2.5 7B/instruct-Q4"}, True),
+    ({"kind": "rerank"}, False), ({"n_ctx": -1}, False), ({"n_ctx": 2**40}, False), ({"pid": "7"}, False),
+    ({"worker_id": "x\x00"}, False), ({"free_slots": 9}, False),
+])
+def test_ready_schema(changes, ok):
+    assert (ewp.check_ready({**READY, **changes}) is None) == ok
+
+
+def test_ready_from_each_engine_shape_passes():
+    assert ewp.check_ready({"model": "m", "kind": "chat", "slots": 1}) is None
+    for describe in ({"n_ctx": 2048, "chat_template": False}, {"n_ctx": 512, "n_embd": 384}):
+        assert ewp.check_ready({"model": "m", "kind": "chat", "slots": 4, "pid": 1, "worker_id": "0a1b", **describe}) \
+            is None
+
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 1}}
+
+
+@pytest.mark.parametrize("command, body, ok", [
+    (ewp.CHUNK, {"text": "\ud800"}, False),  # would fail to encode for the client
+    (ewp.CHUNK, {"index": 0, "embedding": [1e308, -0.5]}, True),
+    (ewp.CHUNK, {"index": 0, "embedding": [float("inf")]}, False),  # what 1e999 decodes to
+    (ewp.CHUNK, {"index": 0, "embedding": [0.0] * (ewp.MAX_EMBEDDING + 1)}, False),
+    (ewp.CHUNK, {"index": -1, "embedding": [0.0]}, False),
+    (ewp.CHUNK, {"index": 0, "text": "chunk", "embedding": [0.0]}, True),
+    (ewp.CHUNK, {"text": "a", "extra": 1}, False),
+    (ewp.DONE, {"finish_reason": "length", "usage": USAGE}, True),
+    (ewp.DONE, {"finish_reason": None, "usage": {"prompt_tokens": 3, "total_tokens": 3}}, True),
+    (ewp.DONE, {"finish_reason": "cancelled", "usage": {"prompt_tokens": 0, "total_tokens": 0}}, True),
+    (ewp.DONE, {"finish_reason": "because", "usage": USAGE}, False),
+    (ewp.DONE, {"finish_reason": "stop", "usage": {**USAGE, "cost_usd": 9}}, False),  # usage reaches the client
+    (ewp.DONE, {"finish_reason": "stop", "usage": {**USAGE, "total_tokens": -5}}, False),
+    (ewp.DONE, {"finish_reason": "stop", "usage": {**USAGE, "prompt_tokens_details": {"cached_tokens": "1"}}}, False),
+    (ewp.DONE, {"finish_reason": "stop", "usage": USAGE, "headers": {}}, False),
+    (ewp.ERROR, {"code": "internal_error", "message": "x" * (ewp.MAX_ERROR_MESSAGE + 1)}, False),
+    (ewp.ERROR, {"code": "internal_error", "message": "bad \udfff"}, False),
+    (ewp.ERROR, {"code": "invalid_request_error", "message": "y", "param": "chunk_capacity"}, True),
+    (ewp.ERROR, {"code": "invalid_request_error", "message": "y", "param": "p\n" * 100}, False),
+    (ewp.ERROR, {"code": "context_length_exceeded", "message": "y", "headers": {"Set-Cookie": "x"}}, False),
+])
+def test_job_body_schema(command, body, ok):
     assert (ewp.check_job_body(ewp.Message(command, JOB_ID, body)) is None) == ok

@@ -1,4 +1,8 @@
-"""Workers started by hand connecting over tcp (loopback here), with and without CURVE."""
+"""Workers started by hand connecting over tcp (loopback here), with and without CURVE.
+
+Plain tcp is allowed on loopback only (a test set-up: any local process may then register any
+model name, and the server warns); CURVE keys are bound to the model names they may serve.
+The attacks on this port are in tests/test_worker_port.py."""
 
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ def wait_registered(srv, timeout=60) -> bool:
     return False
 
 
-def make_keys(folder, name):
-    out = subprocess.run([sys.executable, str(ROOT / "server.py"), "keys", name, "--dir", str(folder)],
+def make_keys(folder, name, *extra):
+    out = subprocess.run([sys.executable, str(ROOT / "server.py"), "keys", name, "--dir", str(folder), *extra],
                          capture_output=True, text=True, check=True)
     assert "secret key" in out.stdout
     return folder / f"{name}.key", folder / f"{name}.key_secret"
@@ -59,6 +63,7 @@ def test_remote_worker_over_tcp(tmp_path):
         assert wait_registered(srv), srv.log_text()
         assert "remote-smol" in [m["id"] for m in srv.http.get("/v1/models").json()["data"]]
         assert chat_works(srv)
+        assert f"remote workers on {addr} connect WITHOUT authentication" in srv.log_text()
     finally:
         worker.terminate()
         worker.wait(10)
@@ -68,7 +73,7 @@ def test_remote_worker_over_tcp(tmp_path):
 def test_remote_worker_with_curve(tmp_path):
     keys, authorized, stranger_keys = tmp_path / "keys", tmp_path / "authorized", tmp_path / "stranger"
     server_public, server_secret = make_keys(keys, "server")
-    worker_public, worker_secret = make_keys(keys, "pi-kitchen")
+    worker_public, worker_secret = make_keys(keys, "pi-kitchen", "--models", "remote-smol")
     _, stranger_secret = make_keys(stranger_keys, "stranger")
     authorized.mkdir()
     (authorized / "pi-kitchen.key").write_bytes(worker_public.read_bytes())

@@ -39,6 +39,15 @@ Broker -> worker
     HEARTBEAT  [EWP1, HEARTBEAT]              the broker is alive
     DISCONNECT [EWP1, DISCONNECT]             forget me and register again (sent to unknown workers)
 
+Checks
+------
+Every frame from a worker is hostile until checked: decode() checks the layout, the job id,
+that a body nests at most MAX_JSON_DEPTH deep (on the raw bytes, before json.loads, whose
+recursion a deep body would exhaust), that it is JSON without NaN or Infinity, and an object;
+check_ready() and check_job_body() then check every field a worker sends against the schema
+below (known keys only, types, ranges, finite numbers). The broker bounds the size of every
+frame with ZMQ_MAXMSGSIZE before any of this runs.
+
 Heartbeats go both ways every HEARTBEAT_INTERVAL seconds and carry nothing but the command:
 the broker counts a worker's free slots from the jobs it sent it. Any message proves its
 sender alive. A peer that has sent nothing for HEARTBEAT_LIVENESS intervals is dead: the
@@ -57,6 +66,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from itertools import accumulate
 
 PROTOCOL = b"EWP1"
 
@@ -113,6 +123,15 @@ JOB_EMBEDDING = "embedding"
 JOB_CHUNK = "chunk"  # for an embedding worker: split a document, and with "embed" embed its chunks too
 MODEL_KINDS = (JOB_CHAT, JOB_EMBEDDING)
 
+# Bounds of the fields a worker sends (the schema check_ready and check_job_body hold bodies to).
+MAX_JSON_DEPTH = 32  # nesting of [ and { in one body
+MAX_SLOTS = 4096  # slots one READY may claim (the server caps remote workers lower: remote_worker_max_slots)
+MAX_NAME = 128  # characters of a model name or a worker id
+MAX_COUNT = 2**31 - 1  # token counts, indexes, context sizes, pids
+MAX_EMBEDDING = 65536  # numbers in one embedding
+MAX_ERROR_MESSAGE = 4096  # characters of an ERROR's message (it reaches the client)
+FINISH_REASONS = frozenset({"stop", "length", "cancelled", None})
+
 _JOB_ID = re.compile(rb"\A[0-9a-f]{32}\Z")
 
 
@@ -161,9 +180,11 @@ def decode(frames: list[bytes]) -> Message:
     if has_body:
         if len(rest) != 1:
             raise ProtocolError(f"{COMMAND_NAMES[command]} needs exactly one body frame")
+        if nests_deeper_than(rest[0], MAX_JSON_DEPTH):
+            raise ProtocolError(f"{COMMAND_NAMES[command]} body nests deeper than {MAX_JSON_DEPTH}")
         try:
-            body = json.loads(rest[0].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            body = json.loads(rest[0].decode("utf-8"), parse_constant=_no_constant)
+        except ValueError as exc:  # bad UTF-8, bad JSON, NaN/Infinity, an integer of over 4300 digits
             raise ProtocolError(f"{COMMAND_NAMES[command]} body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ProtocolError(f"{COMMAND_NAMES[command]} body is not a JSON object")
@@ -172,44 +193,127 @@ def decode(frames: list[bytes]) -> Message:
     return Message(command, job_id, body)
 
 
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)  # possessive: never backtracks
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
+
+
+def nests_deeper_than(data: bytes, limit: int) -> bool:
+    """Whether the [ and { of a JSON text nest more than ``limit`` deep outside its strings.
+    Linear and without recursion, so it runs before json.loads (whose recursion a body nested
+    100,000 deep exhausts): the strings are cut out (an unterminated one runs to the end), all
+    but the brackets deleted, and the running sum of +1 per opening and -1 per closing bracket
+    maximised, all in C."""
+    steps = _JSON_STRING.sub(b"", data).translate(_BRACKET_STEP, _NOT_BRACKET)
+    if steps.count(1) <= limit:  # the usual body: too few brackets to nest that deep
+        return False
+    return max(accumulate(memoryview(steps).cast("b"))) > limit
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def check_ready(body: dict) -> str | None:
+    """What is wrong with a READY body, or None if it is sound: {"model", "kind", "slots"} and the
+    optional fields engines add ("n_ctx", "n_embd", "chat_template", "pid", "worker_id"), nothing else."""
+    unknown = set(body) - _READY_FIELDS
+    if unknown:
+        return f"READY has unknown field(s) {sorted(unknown)[:5]}"
+    if not _name(body.get("model")):
+        return f"READY 'model' must be a printable name of 1 to {MAX_NAME} characters"
+    if body.get("kind") not in MODEL_KINDS:
+        return "READY 'kind' must be 'chat' or 'embedding'"
+    if not _integer(body.get("slots"), 1, MAX_SLOTS):
+        return f"READY 'slots' must be an integer from 1 to {MAX_SLOTS}"
+    for key in ("n_ctx", "n_embd", "pid"):
+        if key in body and not _integer(body[key], 0, MAX_COUNT):
+            return f"READY {key!r} must be an integer from 0 to {MAX_COUNT}"
+    if "worker_id" in body and not _name(body["worker_id"]):
+        return f"READY 'worker_id' must be a printable string of 1 to {MAX_NAME} characters"
+    if not isinstance(body.get("chat_template", False), bool):
+        return "READY 'chat_template' must be true or false"
+    return None
+
+
+_READY_FIELDS = {"model", "kind", "slots", "n_ctx", "n_embd", "chat_template", "pid", "worker_id"}
+# Printable, and no lone surrogates (json.loads lets "\ud800" through; encoding it as UTF-8 raises).
+_NAME = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,%d}" % MAX_NAME)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _name(value) -> bool:
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
+def _text(value, limit: int | None = None) -> bool:
+    """A string that can be sent on as UTF-8, of at most ``limit`` characters."""
+    return isinstance(value, str) and (limit is None or len(value) <= limit) and not _SURROGATE.search(value)
+
+
+def _integer(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def check_job_body(msg: Message) -> str | None:
     """What is wrong with a CHUNK, DONE or ERROR body from a worker, or None if it is sound.
-    (The frames were checked by decode(); this checks the fields the front end reads.)"""
+    (The frames were checked by decode(); this checks every field, since they reach the client.)"""
     body = msg.body or {}
     if msg.command == CHUNK:
         return _chunk_problem(body)
     if msg.command == DONE:
-        usage = body.get("usage")
-        if not isinstance(body.get("finish_reason"), (str, type(None))) or not isinstance(usage, dict) \
-                or not all(isinstance(usage.get(k), int) for k in ("prompt_tokens", "total_tokens")):
-            return "DONE needs 'finish_reason' and 'usage' with integer token counts"
-        return None
+        return _done_problem(body)
     if msg.command == ERROR:
-        if not isinstance(body.get("code"), str) or not isinstance(body.get("message"), str) \
-                or not isinstance(body.get("param"), (str, type(None))):
-            return "ERROR needs a string 'code' and 'message', and 'param' a string or null"
-        if body["code"] not in ERROR_CODES:
-            return f"ERROR code {body['code']!r} is not one a worker may send"
-        return None
+        return _error_problem(body)
     return f"{msg.name} is not a job message"
-
-
-_CHUNK_KEYS = {"index", "text", "embedding"}
 
 
 def _chunk_problem(body: dict) -> str | None:
     """Chat: {"text"}; embedding: {"index", "embedding"}; chunking: {"index", "text"}, plus
     "embedding" when the chunks are embedded too."""
     text, index, embedding = body.get("text"), body.get("index"), body.get("embedding")
-    if set(body) - _CHUNK_KEYS or (text is None and embedding is None):
+    if set(body) - {"index", "text", "embedding"} or (text is None and embedding is None):
         return "CHUNK holds 'text' and/or 'index' with 'embedding', and nothing else"
-    if text is not None and not isinstance(text, str):
-        return "CHUNK 'text' must be a string"
-    if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
-        return "CHUNK 'index' must be an integer of 0 or more"
-    if embedding is not None and (index is None or not isinstance(embedding, list) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in embedding)):
-        return "CHUNK 'embedding' must be a list of finite numbers, with an 'index'"
+    if text is not None and not _text(text):
+        return "CHUNK 'text' must be a string (of valid Unicode)"
+    if index is not None and not _integer(index, 0, MAX_COUNT):
+        return f"CHUNK 'index' must be an integer from 0 to {MAX_COUNT}"
+    if embedding is not None and (index is None or not isinstance(embedding, list) or len(embedding) > MAX_EMBEDDING
+                                  or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                             and math.isfinite(x) for x in embedding)):
+        return f"CHUNK 'embedding' must be a list of at most {MAX_EMBEDDING} finite numbers, with an 'index'"
+    return None
+
+
+def _done_problem(body: dict) -> str | None:
+    """{"finish_reason", "usage": {"prompt_tokens", "total_tokens", and optionally "completion_tokens"
+    and "prompt_tokens_details": {"cached_tokens"}}}: the usage reaches the client as it is."""
+    usage = body.get("usage")
+    if set(body) - {"finish_reason", "usage"} or body.get("finish_reason") not in FINISH_REASONS:
+        return "DONE holds 'finish_reason' (stop, length, cancelled or null) and 'usage', nothing else"
+    if not isinstance(usage, dict) or set(usage) - _USAGE_FIELDS \
+            or not all(_integer(usage.get(k), 0, MAX_COUNT) for k in ("prompt_tokens", "total_tokens")) \
+            or not _integer(usage.get("completion_tokens", 0), 0, MAX_COUNT):
+        return "DONE 'usage' holds integer token counts: prompt_tokens, total_tokens, completion_tokens"
+    details = usage.get("prompt_tokens_details", {"cached_tokens": 0})
+    if not isinstance(details, dict) or set(details) != {"cached_tokens"} \
+            or not _integer(details["cached_tokens"], 0, MAX_COUNT):
+        return "DONE 'usage.prompt_tokens_details' holds an integer 'cached_tokens', nothing else"
+    return None
+
+
+_USAGE_FIELDS = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+
+
+def _error_problem(body: dict) -> str | None:
+    """{"code", "message", "param"}, code one of ERROR_CODES: all three reach the client."""
+    if set(body) - {"code", "message", "param"} or not isinstance(body.get("code"), str) \
+            or not _text(body.get("message"), MAX_ERROR_MESSAGE) \
+            or not (body.get("param") is None or _name(body["param"])):
+        return (f"ERROR holds a string 'code', a 'message' of at most {MAX_ERROR_MESSAGE} characters and "
+                "'param' (a short name or null), nothing else")
+    if body["code"] not in ERROR_CODES:
+        return f"ERROR code {body['code'][:MAX_NAME]!r} is not one a worker may send"
     return None
 
 

@@ -97,7 +97,7 @@ def test_non_streaming_client_disconnect_frees_the_slot(server):
     body = json.dumps({"model": CHAT_MODEL, "max_tokens": 2000,
                        "messages": [{"role": "user", "content": "Write a very long story."}]}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     assert wait_for(lambda: free_slots(server) == 3)
     sock.close()

@@ -1,4 +1,5 @@
-"""edgellm's front end: an OpenAI-compatible HTTP API (Werkzeug, WSGI) over ZeroMQ workers.
+"""edgellm's front end: an OpenAI-compatible HTTP API (a Werkzeug WSGI app, served by waitress through
+frontend/http_server.py) over ZeroMQ workers.
 
 This process never loads a model. It validates requests, hands jobs to the broker
 (frontend/broker.py), which routes them to worker processes (worker/) and streams their
@@ -10,19 +11,17 @@ error body.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from werkzeug.routing import Map, Rule
-from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from frontend import validation as v
@@ -31,7 +30,8 @@ from frontend.chat_api import ChatResponder, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import embeddings_response, parse_embeddings
 from frontend.errors import APIError, bad_request, error_response
-from frontend.jobs import JobClient, JobRunner, client_gone
+from frontend.http_server import HTTPLimits, HTTPServer
+from frontend.jobs import JobClient, JobRunner, disconnect_check
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context
 from frontend.supervisor import Supervisor
 from store import FileRecord, Store, StoreError
@@ -156,12 +156,6 @@ class EdgeLLM:
                               "model", code="wrong_model_kind")
         return name
 
-    @staticmethod
-    def disconnect_check(request: Request):
-        """A callable telling whether this request's HTTP client has gone away."""
-        sock = request.environ.get("werkzeug.socket")
-        return lambda: client_gone(sock)
-
     def collection_name(self, body: dict) -> str:
         return v.string(body, "collection", self.config.default_collection)
 
@@ -181,7 +175,7 @@ class EdgeLLM:
                                            model=None, limit=self.config.retrieve_limit,
                                            score_threshold=self.config.score_threshold)
             call.job["messages"] = merge_context(call.job["messages"], hits, model_config)
-        gone = self.disconnect_check(request)
+        gone = disconnect_check(request.environ)
         responder = ChatResponder(model)
         if call.stream:
             client, first = self.jobs.start(model, call.job, gone)
@@ -216,7 +210,7 @@ class EdgeLLM:
         name, inputs, encoding = parse_embeddings(self.json_body(request))
         model = self.resolve_model(name, "embedding")
         chunks, done = self.jobs.collect(model, {"kind": "embedding", "input": inputs},
-                                         self.disconnect_check(request))
+                                         disconnect_check(request.environ))
         return json_response(embeddings_response(model, chunks, done["usage"], encoding))
 
     def on_retrieve(self, request: Request) -> Response:
@@ -333,35 +327,26 @@ def serve(argv: list[str]) -> int:
     except (ConfigError, OSError, zmq.ZMQError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    httpd = make_server(config.host, config.port, app, threaded=True)
-    accept = httpd.get_request
-
-    def get_request():
-        # Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
-        # back until the client's (delayed) ACK of the previous write arrives.
-        conn, addr = accept()
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn, addr
-
-    httpd.get_request = get_request
-    stop = threading.Event()
-
-    def shutdown(*_):
-        if not stop.is_set():
-            stop.set()
-            threading.Thread(target=httpd.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, shutdown)
-    signal.signal(signal.SIGINT, shutdown)
+    try:
+        httpd = HTTPServer(app, config.host, config.port, http_limits(config))
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        app.stop()
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: httpd.request_drain())
+    signal.signal(signal.SIGINT, lambda *_: httpd.request_drain())
     log.info("edgellm %s listening on http://%s:%d/v1 (workers connect to %s%s)", __version__, config.host,
              config.port, app.broker.worker_addr,
              f", remote workers to {app.broker.remote_addr}" if app.broker.remote_addr else "")
     try:
-        httpd.serve_forever()
+        httpd.serve()  # returns once a SIGTERM's drain is over
     finally:
-        app.stop()
+        app.stop()  # after the last request: workers, broker, then the store
     return 0
+
+
+def http_limits(config: ServerConfig) -> HTTPLimits:
+    return HTTPLimits(**{f.name: getattr(config, f.name) for f in dataclasses.fields(HTTPLimits)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,20 @@ class ServerConfig:
                                    help="seconds a request may wait for a free slot before 503")
     request_timeout: float = setting(120.0, flag="--request-timeout", type=float,
                                      help="seconds of silence from a busy worker before 503")
+    http_threads: int = setting(128, flag="--http-threads", type=int,
+                                help="requests served at once; past that a request gets 503 server_busy")
+    max_connections: int = setting(2048, flag="--max-connections", type=int,
+                                   help="open HTTP connections; past that a new one gets 503 server_busy")
+    idle_timeout: float = setting(30.0, flag="--idle-timeout", type=float,
+                                  help="seconds a connection may sit idle between requests before it is closed")
+    read_timeout: float = setting(30.0, flag="--read-timeout", type=float,
+                                  help="seconds a client has to send a whole request (headers and body) "
+                                       "before its connection is closed")
+    max_header_bytes: int = setting(64 * 1024, flag="--max-header-bytes", type=int,
+                                    help="largest request line and headers accepted (431 above)")
+    drain_timeout: float = setting(30.0, flag="--drain-timeout", type=float,
+                                   help="on SIGTERM, seconds running requests may take to finish before "
+                                        "they are cancelled")
     log_level: str = setting("info", flag="--log-level", help="debug, info, warning or error")
     remote_worker_addr: str | None = setting(None, flag="--remote-worker-addr",
                                              help="also accept workers from other machines here, "
@@ -191,7 +205,15 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
     return config
 
 
+_POSITIVE = ("http_threads", "max_connections", "idle_timeout", "read_timeout", "max_header_bytes")
+
+
 def validate(config: ServerConfig) -> None:
+    for key in _POSITIVE:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be positive")
+    if config.drain_timeout < 0:
+        raise ConfigError("drain_timeout must be 0 or more")
     if config.curve_authorized_keys and not config.curve_secret_key_file:
         raise ConfigError("curve_authorized_keys needs curve_secret_key_file (the server's key pair)")
     if config.curve_secret_key_file and not config.remote_worker_addr:

@@ -59,7 +59,8 @@ class ServerConfig:
     request_timeout: float = setting(120.0, flag="--request-timeout", type=float,
                                      help="seconds of silence from a busy worker before 503")
     http_threads: int = setting(128, flag="--http-threads", type=int,
-                                help="requests served at once; past that a request gets 503 server_busy")
+                                help="requests served at once; a request that finds no thread free "
+                                     "within a second gets 503 server_busy")
     max_connections: int = setting(2048, flag="--max-connections", type=int,
                                    help="open HTTP connections; past that a new one gets 503 server_busy")
     idle_timeout: float = setting(30.0, flag="--idle-timeout", type=float,

@@ -6,7 +6,7 @@ thread. On top of waitress this module adds what a server exposed to a network n
 
 - a connection bound that answers ``503 server_busy`` (JSON, ``Retry-After``) past it, instead of
   leaving new clients in the kernel's accept queue;
-- ``503 server_busy`` at once when every request thread is taken, instead of an unbounded wait;
+- ``503 server_busy`` when no request thread frees up within a second, instead of an unbounded wait;
 - a read deadline for the whole request (headers and body), so a client that drips bytes is cut,
   and an idle timeout between requests;
 - waitress's own errors (malformed request, headers or body too large) as the JSON error body;
@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from queue import SimpleQueue
 from typing import Callable
 
 from waitress import wasyncore
@@ -44,6 +45,7 @@ FD_RESERVE = 256  # file descriptors kept for everything but HTTP connections (w
 REFUSAL_LINGER = 2.0  # seconds a refused connection may take to read its 503 before it is closed
 MAX_REFUSALS = 256  # refused connections lingering at once; past that they are closed at once
 CANCEL_GRACE = 5.0  # seconds cancelled requests get to send their error before connections are cut
+THREAD_WAIT = 1.0  # seconds a complete request may wait for a free request thread before its 503
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,11 @@ class _Refusal(wasyncore.dispatcher):
 
 
 class _Dispatcher(ThreadedTaskDispatcher):
-    """waitress's thread pool, refusing work (503) when no thread is free or the server is draining."""
+    """waitress's thread pool with a bounded wait: a request that finds no free thread waits at most
+    THREAD_WAIT seconds (and behind at most as many others as there are threads), else it gets a 503.
+
+    The wait absorbs the moment between a thread sending its last byte and taking the next request,
+    which a refusal "at once" would turn into spurious 503s."""
 
     def __init__(self, threads: int, refuse: Callable[[HTTPChannel, str, str], None]):
         super().__init__()
@@ -158,11 +164,24 @@ class _Dispatcher(ThreadedTaskDispatcher):
 
     def add_task(self, channel):
         with self.lock:
-            idle = len(self.threads) - self.stop_count - self.active_count
-            if not self.draining and len(self.queue) < idle:
+            if not self.draining and len(self.queue) < len(self.threads):
+                channel.queued_at = time.monotonic()
                 self.queue.append(channel)
                 self.queue_cv.notify()
                 return
+        self._refuse(channel)
+
+    def expire(self) -> None:
+        """Refuse the requests that waited too long for a thread (from the event loop)."""
+        now = time.monotonic()
+        with self.lock:
+            expired = [c for c in self.queue if now - c.queued_at > THREAD_WAIT]
+            for channel in expired:
+                self.queue.remove(channel)
+        for channel in expired:
+            self._refuse(channel)
+
+    def _refuse(self, channel) -> None:
         if self.draining:
             self.refuse(channel, "shutting_down", "the server is shutting down; retry shortly")
         else:
@@ -197,6 +216,8 @@ class HTTPServer(TcpWSGIServer):
             asyncore_use_poll=True,  # select() fails on file descriptors above 1023
             channel_request_lookahead=1,  # keep reading while a request runs: a close is seen at once
             expose_tracebacks=False, backlog=1024)
+        self._refused: SimpleQueue[HTTPChannel | None] = SimpleQueue()
+        threading.Thread(target=self._refuse_loop, name="http-refuser", daemon=True).start()
         dispatcher = _Dispatcher(limits.http_threads, self._refuse)
         super().__init__(self._with_stop_flag(app), map={}, dispatcher=dispatcher, adj=adj)
 
@@ -240,15 +261,24 @@ class HTTPServer(TcpWSGIServer):
         log.exception("error while accepting a connection")
 
     def _refuse(self, channel: HTTPChannel, code: str, message: str) -> None:
-        """Answer a channel's next request with a 503 from the event loop (no request thread is free)."""
+        """Answer a channel's next request with a 503, from the refuser thread: not a request thread
+        (none is free), and not the event loop, which may hold the channel's lock here."""
         channel.requests[0].error = _Refused(code, message)
-        self.trigger.pull_trigger(channel.service)
+        self._refused.put(channel)
+
+    def _refuse_loop(self) -> None:
+        while (channel := self._refused.get()) is not None:
+            try:
+                channel.service()  # an error task: a few hundred bytes, written without blocking
+            except Exception:
+                log.exception("error while refusing a request")
 
     # -- timeouts ------------------------------------------------------------------------
     def maintenance(self, now):
         """Close connections whose request is not in read_timeout after it began (or after the
         connection opened, for a client that has sent nothing), and those idle between requests
         past idle_timeout."""
+        self.task_dispatcher.expire()
         mono = time.monotonic()
         for channel in list(self.active_channels.values()):
             if channel.requests or channel.will_close or channel.close_when_flushed:
@@ -321,6 +351,7 @@ class HTTPServer(TcpWSGIServer):
             channel.connected = False
             channel.handle_close()
         self.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+        self._refused.put(None)
         wasyncore.close_all(self._map)  # the event loop ends with its map empty
 
 

@@ -3,20 +3,24 @@ oversized requests, disconnect detection at any file descriptor, and the SIGTERM
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import signal
 import socket
-import subprocess
+import threading
 import time
 from contextlib import ExitStack
 
 import httpx
 import pytest
 
-from conftest import CHAT_MODEL, CHAT_PATH, EMBED_MODEL, EMBED_PATH, ServerProcess, model_config, sse_events
-from frontend.jobs import client_gone, disconnect_check
+from conftest import CHAT_MODEL, CHAT_PATH, EMBED_MODEL, EMBED_PATH, ServerProcess, model_config
+from frontend.config import ConfigError, add_server_flags, load_config
+from frontend.errors import APIError
+from frontend.jobs import STOPPING_KEY, client_gone, disconnect_check
+from server import http_limits
 from store import Store
 
 IDLE_CONNECTIONS = 1100  # past select()'s 1023 file descriptors, in the server and in this process
@@ -56,6 +60,19 @@ def closed_by_server(sock: socket.socket, timeout: float) -> float | None:
     return None
 
 
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP response with a Content-Length: (status line and headers, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or pytest.fail(f"connection closed after {data!r}")
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536) or pytest.fail("connection closed mid-body")
+    return head, body
+
+
 def assert_api_error(r: httpx.Response, status: int, code: str) -> dict:
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json"
@@ -67,11 +84,6 @@ def assert_api_error(r: httpx.Response, status: int, code: str) -> dict:
 # -- settings and disconnect detection, without a server -----------------------------------
 
 def test_serving_settings_come_from_flags_and_config_and_are_checked(tmp_path):
-    import argparse
-
-    from frontend.config import ConfigError, add_server_flags, load_config
-    from server import http_limits
-
     def parse(*argv):
         parser = argparse.ArgumentParser()
         add_server_flags(parser)
@@ -110,11 +122,6 @@ def test_client_gone_works_above_file_descriptor_1023():
 
 
 def test_disconnect_check_uses_waitress_flag_and_stops_on_drain():
-    import threading
-
-    from frontend.errors import APIError
-    from frontend.jobs import STOPPING_KEY
-
     left, stopping = [False], threading.Event()
     gone = disconnect_check({"waitress.client_disconnected": lambda: left[0], STOPPING_KEY: stopping})
     assert not gone()
@@ -204,7 +211,8 @@ def test_past_the_connection_bound_a_new_client_gets_503_and_others_are_served(b
 
 def test_past_the_thread_bound_requests_get_503_until_threads_free_up(bounded):
     """Requests for a model with no worker wait in its queue, each holding one of the 3 request
-    threads; a fourth request is refused at once. Closing the waiting clients cancels their jobs."""
+    threads; a fourth request is refused (after waiting a second for a thread). Closing the waiting
+    clients cancels their jobs."""
     body = json.dumps({"model": "no-worker-chat", "messages": [{"role": "user", "content": "Hi"}]}).encode()
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -248,6 +256,17 @@ def test_a_client_that_sends_nothing_or_drips_headers_is_cut_after_the_read_time
         assert cut, "a client dripping its headers was never cut"
         assert 1.0 <= time.monotonic() - started < 15
     assert httpx.get(f"{bounded.url}/health", timeout=30).status_code == 200
+
+
+def test_keep_alive_connections_stay_open_between_requests_past_the_read_timeout(bounded):
+    """Between requests idle_timeout (60 s here) applies, not read_timeout (2 s)."""
+    with socket.create_connection(("127.0.0.1", bounded.port), timeout=30) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, body = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower(), head
+            assert json.loads(body)["object"] == "list"
+            time.sleep(3)
 
 
 def test_oversized_headers_are_431(bounded):

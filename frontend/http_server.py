@@ -210,8 +210,8 @@ class HTTPServer(TcpWSGIServer):
         self._hurry = threading.Event()
         adj = Adjustments(
             host=host, port=port, ident="edgellm", threads=limits.http_threads,
-            connection_limit=self.max_connections, channel_timeout=max(1, int(limits.idle_timeout)),
-            cleanup_interval=1, max_request_header_size=limits.max_header_bytes,
+            cleanup_interval=1,  # how often maintenance() runs: connection bound and timeouts are ours
+            max_request_header_size=limits.max_header_bytes,
             max_request_body_size=limits.max_body_bytes, inbuf_overflow=64 * 1024,
             asyncore_use_poll=True,  # select() fails on file descriptors above 1023
             channel_request_lookahead=1,  # keep reading while a request runs: a close is seen at once

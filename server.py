@@ -1,4 +1,5 @@
-"""edgellm's front end: an OpenAI-compatible HTTP API (Werkzeug, WSGI) over ZeroMQ workers.
+"""edgellm's front end: an OpenAI-compatible HTTP API (a Werkzeug WSGI app, served by waitress through
+frontend/http_server.py) over ZeroMQ workers.
 
 This process never loads a model. It validates requests, hands jobs to the broker
 (frontend/broker.py), which routes them to worker processes (worker/) and streams their
@@ -10,10 +11,10 @@ error body.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
-import socket
 import sys
 import threading
 import time
@@ -22,7 +23,6 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from werkzeug.routing import Map, Rule
-from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from frontend import validation as v
@@ -33,7 +33,8 @@ from frontend.config import ConfigError, ServerConfig, add_server_flags, load_co
 from frontend.embeddings_api import check_input_context, embeddings_response, parse_embeddings
 from frontend.errors import APIError, as_api_error, bad_request, error_response
 from frontend.filenames import clean_filename, content_disposition
-from frontend.jobs import JobClient, JobRunner, client_gone
+from frontend.http_server import HTTPLimits, HTTPServer
+from frontend.jobs import JobClient, JobRunner, disconnect_check
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context, parse_chunk_capacity
 from frontend.request_body import read_json
 from frontend.supervisor import Supervisor
@@ -187,12 +188,6 @@ class EdgeLLM:
                               "model", code="wrong_model_kind")
         return name
 
-    @staticmethod
-    def disconnect_check(request: Request):
-        """A callable telling whether this request's HTTP client has gone away."""
-        sock = request.environ.get("werkzeug.socket")
-        return lambda: client_gone(sock)
-
     def collection_name(self, body: dict) -> str:
         return v.string(body, "collection", self.config.default_collection)
 
@@ -213,7 +208,7 @@ class EdgeLLM:
                                            model=None, limit=self.config.retrieve_limit,
                                            score_threshold=self.config.score_threshold)
             call.job["messages"] = merge_context(call.job["messages"], hits, model_config)
-        gone = self.disconnect_check(request)
+        gone = disconnect_check(request.environ)
         responder = ChatResponder(model)
         if call.stream:
             client, first = self.jobs.start(model, call.job, gone)
@@ -249,7 +244,7 @@ class EdgeLLM:
         model = self.resolve_model(name, ewp.JOB_EMBEDDING)
         check_input_context(inputs, self.context_size(model), self.config.chars_per_token)
         chunks, done = self.jobs.collect(model, {"kind": ewp.JOB_EMBEDDING, "input": inputs},
-                                         self.disconnect_check(request))
+                                         disconnect_check(request.environ))
         return json_response(embeddings_response(model, chunks, done["usage"], encoding))
 
     def on_retrieve(self, request: Request) -> Response:
@@ -295,7 +290,7 @@ class EdgeLLM:
         record = self.store.get_file(file_id)
         text = check_text_file(record.filename, self.store.get_file_content(file_id), self.config.max_file_bytes)
         model = self.resolve_model(v.string(body, "model"), ewp.JOB_EMBEDDING)
-        chunks = self.knowledge.chunk(model, text, capacity, self.disconnect_check(request))
+        chunks = self.knowledge.chunk(model, text, capacity, disconnect_check(request.environ))
         return json_response({"id": record.id, "filename": v.string(body, "filename", record.filename),
                               "chunks": chunks})
 
@@ -306,7 +301,7 @@ class EdgeLLM:
         capacity = parse_chunk_capacity(form.get("chunk_capacity"))
         model = self.ingest_model(form.get("model"), collection)
         result = self.knowledge.ingest(filename, data, text, collection=collection, model=model,
-                                       capacity=capacity, gone=self.disconnect_check(request))
+                                       capacity=capacity, gone=disconnect_check(request.environ))
         return json_response({"id": result.file_id, "object": "file", "filename": result.filename,
                               "collection": result.collection, "model": model, "status": result.status,
                               "chunks": result.chunks, "usage": {"prompt_tokens": result.prompt_tokens,
@@ -374,14 +369,18 @@ def serve(argv: list[str]) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for warning in exposure_warnings(config.host, config.api_keys, config.cors_origins):
         log.warning(warning)
-    stop = threading.Event()
     broker_down: list[str] = []
+    servers: list[HTTPServer] = []  # the one HTTP server, once it listens
+
+    def drain() -> None:
+        for httpd in servers:
+            httpd.request_drain()
 
     def on_broker_down(problem: str) -> None:
         log.critical("exiting in %gs so that a supervisor restarts the server (the broker is down: %s)",
                      BROKER_DOWN_GRACE, problem)
         broker_down.append(problem)
-        timer = threading.Timer(BROKER_DOWN_GRACE, shutdown)
+        timer = threading.Timer(BROKER_DOWN_GRACE, drain)
         timer.daemon = True
         timer.start()
 
@@ -393,34 +392,29 @@ def serve(argv: list[str]) -> int:
     except (ConfigError, OSError, zmq.ZMQError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    httpd = make_server(config.host, config.port, app, threaded=True)
-    accept = httpd.get_request
-
-    def get_request():
-        # Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
-        # back until the client's (delayed) ACK of the previous write arrives.
-        conn, addr = accept()
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn, addr
-
-    httpd.get_request = get_request
-
-    def shutdown(*_):
-        if not stop.is_set():
-            stop.set()
-            threading.Thread(target=httpd.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, shutdown)
-    signal.signal(signal.SIGINT, shutdown)
+    try:
+        httpd = HTTPServer(app, config.host, config.port, http_limits(config))
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        app.stop()
+        return 2
+    servers.append(httpd)
+    if broker_down:  # it died while the server was starting
+        drain()
+    signal.signal(signal.SIGTERM, lambda *_: drain())
+    signal.signal(signal.SIGINT, lambda *_: drain())
     log.info("edgellm %s listening on http://%s:%d/v1 (workers connect to %s%s)", __version__, config.host,
              config.port, app.broker.worker_addr,
              f", remote workers to {app.broker.remote_addr}" if app.broker.remote_addr else "")
     try:
-        httpd.serve_forever()
+        httpd.serve()  # returns once a SIGTERM's drain is over
     finally:
-        app.stop()
+        app.stop()  # after the last request: workers, broker, then the store
     return 1 if broker_down else 0
+
+
+def http_limits(config: ServerConfig) -> HTTPLimits:
+    return HTTPLimits(**{f.name: getattr(config, f.name) for f in dataclasses.fields(HTTPLimits)})
 
 
 def main(argv: list[str] | None = None) -> int:

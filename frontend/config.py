@@ -68,6 +68,21 @@ class ServerConfig:
                                    help="seconds a request may wait for a free slot before 503")
     request_timeout: float = setting(120.0, flag="--request-timeout", type=float, min=0.1,
                                      help="seconds of silence from a busy worker before 503")
+    http_threads: int = setting(128, flag="--http-threads", type=int, min=1,
+                                help="requests served at once; a request that finds no thread free "
+                                     "within a second gets 503 server_busy")
+    max_connections: int = setting(2048, flag="--max-connections", type=int, min=1,
+                                   help="open HTTP connections; past that a new one gets 503 server_busy")
+    idle_timeout: float = setting(30.0, flag="--idle-timeout", type=float, min=0.1,
+                                  help="seconds a connection may sit idle between requests before it is closed")
+    read_timeout: float = setting(30.0, flag="--read-timeout", type=float, min=0.1,
+                                  help="seconds a client has to send a whole request (headers and body) "
+                                       "before its connection is closed")
+    max_header_bytes: int = setting(64 * 1024, flag="--max-header-bytes", type=int, min=1024,
+                                    help="largest request line and headers accepted (431 above)")
+    drain_timeout: float = setting(30.0, flag="--drain-timeout", type=float, min=0.0,
+                                   help="on SIGTERM, seconds running requests may take to finish before "
+                                        "they are cancelled")
     log_level: str = setting("info", flag="--log-level", help="how much to log",
                              choices=("debug", "info", "warning", "error"))
     remote_worker_addr: str | None = setting(None, flag="--remote-worker-addr",

@@ -57,6 +57,10 @@ ERRORS: dict[str, ErrorKind] = {
     "invalid_filename": ErrorKind(400, _CLIENT),  # nothing left of an upload's name once cleaned
     "empty_file": ErrorKind(400, _CLIENT),
     "client_closed": ErrorKind(499, _CLIENT),
+    "header_too_large": ErrorKind(431, _CLIENT),  # request headers over max_header_bytes
+    # HTTP server (frontend/http_server.py)
+    "server_busy": ErrorKind(503, _SERVER, retryable=True),  # max_connections or every request thread taken
+    "shutting_down": ErrorKind(503, _SERVER, retryable=True),  # a request during or cut by the drain
     "internal_error": ErrorKind(500, _SERVER),
     # broker and job runner
     "queue_full": ErrorKind(503, _SERVER, retryable=True),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
 import uuid
 from typing import Callable
@@ -20,18 +21,51 @@ from worker import protocol as ewp
 
 
 DISCONNECT_CHECK = 0.25  # seconds between checks that the HTTP client is still there
+STOPPING_KEY = "edgellm.stopping"  # environ: a threading.Event the HTTP server sets to cancel running requests
 
 
 def client_gone(sock: socket.socket | None) -> bool:
-    """Whether the HTTP client closed its connection (readable with nothing to read)."""
+    """Whether the HTTP client closed its connection (readable with nothing to read).
+
+    poll(), not select(): select() fails on a file descriptor above 1023, which a server with
+    many open connections has."""
     if sock is None:
         return False
-    try:  # poll, not select: select() fails for descriptors above 1023, which many open sockets reach
+    try:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0)) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
+        events = poller.poll(0)
+    except ValueError:  # the socket was closed here: its client is gone
         return True
+    if not events:
+        return False
+    if events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+        return True
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:  # reset by the peer
+        return True
+
+
+def disconnect_check(environ: dict) -> Callable[[], bool]:
+    """The request's check that its HTTP client is still there: True once it has gone.
+
+    It raises APIError('shutting_down') once the HTTP server's drain deadline has passed, so
+    that a waiting request ends with that error instead of running on."""
+    stopping: threading.Event | None = environ.get(STOPPING_KEY)
+    client_left = environ.get("waitress.client_disconnected")
+    if client_left is None:  # another WSGI server: look at the socket itself
+        sock = environ.get("werkzeug.socket")
+        client_left = lambda: client_gone(sock)  # noqa: E731
+
+    def gone() -> bool:
+        if stopping is not None and stopping.is_set():
+            raise APIError("shutting_down", "the server is shutting down; the request was cancelled")
+        return client_left()
+
+    return gone
 
 
 class JobClient:
@@ -108,7 +142,8 @@ class JobRunner:
     def next_message(self, client: JobClient, first: bool = False,
                      gone: Callable[[], bool] | None = None) -> ewp.Message:
         """The job's next CHUNK or DONE; an ERROR or silence becomes an APIError. If ``gone``
-        says the HTTP client has left, the wait ends early (the caller's close() cancels the job)."""
+        (disconnect_check) says the HTTP client has left, or raises, the wait ends early (the
+        caller's close() cancels the job)."""
         timeout = self.request_timeout + (self.queue_timeout if first else 0)
         deadline = time.monotonic() + timeout
         msg = None

@@ -34,7 +34,7 @@ from frontend.embeddings_api import check_input_context, embeddings_response, pa
 from frontend.errors import APIError, as_api_error, bad_request, error_response
 from frontend.filenames import clean_filename, content_disposition
 from frontend.http_server import HTTPLimits, HTTPServer
-from frontend.jobs import JobClient, JobRunner, disconnect_check
+from frontend.jobs import JobClient, JobRunner, disconnect_check, in_order
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context, parse_chunk_capacity
 from frontend.request_body import read_json
 from frontend.supervisor import Supervisor
@@ -119,8 +119,8 @@ class EdgeLLM:
 
     # -- WSGI ----------------------------------------------------------------------------
     def dispatch_request(self, request: Request) -> Response:
-        adapter = self.url_map.bind_to_environ(request.environ)
         try:
+            adapter = self.url_map.bind_to_environ(request.environ)  # raises BadHost (400) for a bad Host
             # Access control for every route, before any of them runs (frontend/access.py).
             response = self.access.admit(request, adapter.allowed_methods)
             if response is None:
@@ -245,7 +245,7 @@ class EdgeLLM:
         check_input_context(inputs, self.context_size(model), self.config.chars_per_token)
         chunks, done = self.jobs.collect(model, {"kind": ewp.JOB_EMBEDDING, "input": inputs},
                                          disconnect_check(request.environ))
-        return json_response(embeddings_response(model, chunks, done["usage"], encoding))
+        return json_response(embeddings_response(model, in_order(chunks, len(inputs)), done["usage"], encoding))
 
     def on_retrieve(self, request: Request) -> Response:
         body = self.json_body(request)
@@ -316,7 +316,10 @@ class EdgeLLM:
     def on_health(self, request: Request) -> Response:
         problem = self.broker.problem()
         if problem:
-            return json_response({"status": "broker_down", "problem": problem}, status=503)
+            body = {"status": "broker_down"}
+            if self.access.authorized(request):  # the exception's text only for callers with a key
+                body["problem"] = problem
+            return json_response(body, status=503)
         snapshot = self.broker.snapshot()
         waiting = [m.name for m in self.config.models
                    if m.workers > 0 and not snapshot.get(m.name, {}).get("workers")]

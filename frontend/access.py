@@ -55,8 +55,11 @@ def parse_host(text: str | None) -> tuple[str, int | None] | None:
             return str(ipaddress.IPv6Address(match["ip6"])), port
         except ValueError:
             return None
-    name = match["name"].lower().rstrip(".")
-    return (name, port) if name else None
+    name = match["name"].lower()
+    name = name[:-1] if name.endswith(".") else name  # one final dot: the fully qualified form
+    if not all(0 < len(label) <= 63 for label in name.split(".")):  # DNS labels: no empty or long one
+        return None
+    return name, port
 
 
 def canonical_origin(text: str | None) -> str | None:

@@ -43,6 +43,7 @@ from worker import protocol as ewp
 
 log = logging.getLogger("edgellm.broker")
 
+BUSY_HOLD = 0.5  # seconds a worker that answered worker_busy gets no new job
 MAX_ATTEMPTS = 2  # workers a job may be sent to when the first dies before answering
 MAX_PER_TURN = 64  # messages read from one socket per loop turn before the others get theirs
 STALL_LIMIT = 30.0  # seconds without a loop turn after which the broker counts as hung
@@ -323,7 +324,10 @@ class Broker:
             self._to_client(job.client, ewp.DONE, job.job_id, msg.body)
         elif msg.body["code"] == ewp.WORKER_BUSY:
             job.attempts -= 1  # it never ran there: the bounce does not use up a move to another worker
-            self._pool(job.model).requeue(job)  # its view of free slots was stale: wait for another
+            # Its free slots were fewer than counted: give it no new job for a moment, so that the job
+            # goes to another worker (or waits) instead of bouncing straight back.
+            worker.held_until = time.monotonic() + BUSY_HOLD
+            self._pool(job.model).requeue(job)
         else:
             self._fail(job, msg.body["code"], msg.body["message"], msg.body.get("param"))
 
@@ -446,8 +450,9 @@ class Broker:
             self._to_worker(job.worker, ewp.CANCEL, job_id)
 
     def _dispatch(self) -> None:
+        now = time.monotonic()
         for pool in self.pools.values():
-            for worker, job in pool.dispatch():
+            for worker, job in pool.dispatch(now):
                 self._to_worker(worker.identity, ewp.JOB, job.job_id, job.body)
 
     def _publish(self) -> None:

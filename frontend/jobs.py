@@ -76,11 +76,13 @@ class JobClient:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(clients_addr)
         self.job_id: str | None = None
+        self.chunk_fields: frozenset[str] = frozenset()  # what each CHUNK of the job must carry
         self.finished = False
         self.checked_at = 0.0  # when the request last checked that its HTTP client is still there
 
     def submit(self, model: str, body: dict) -> str:
         self.job_id = uuid.uuid4().hex
+        self.chunk_fields = ewp.chunk_fields(body)
         try:  # never blocks: with the broker's socket gone (it died), a send would wait forever
             self.socket.send_multipart(ewp.encode(ewp.JOB, self.job_id, {**body, "model": model}), zmq.NOBLOCK)
         except zmq.Again:
@@ -161,6 +163,9 @@ class JobRunner:
                            f"the worker did not answer within {timeout:g}s; the request was cancelled")
         if msg.command == ewp.ERROR:
             raise APIError.from_error_body(msg.body)
+        if msg.command == ewp.CHUNK and not client.chunk_fields <= msg.body.keys():
+            missing = ", ".join(sorted(client.chunk_fields - msg.body.keys()))
+            raise APIError("worker_protocol_error", f"the worker's answer lacks {missing}; please retry")
         return msg
 
     def collect(self, model: str, job: dict, gone: Callable[[], bool] | None = None
@@ -175,3 +180,14 @@ class JobRunner:
         finally:
             client.close()
         return chunks, msg.body
+
+
+def in_order(chunks: list[dict], expected: int | None = None) -> list[dict]:
+    """A job's CHUNK bodies sorted by index, checked to be exactly 0..n-1 (n = ``expected`` when
+    given) and, where they carry embeddings, all of one length: a worker's word is not trusted."""
+    ordered = sorted(chunks, key=lambda c: c["index"])
+    if [c["index"] for c in ordered] != list(range(len(ordered) if expected is None else expected)):
+        raise APIError("worker_protocol_error", f"the worker returned {len(ordered)} results with wrong indices")
+    if len({len(c["embedding"]) for c in ordered if "embedding" in c}) > 1:
+        raise APIError("worker_protocol_error", "the worker returned vectors of different lengths")
+    return ordered

@@ -22,6 +22,7 @@ class WorkerRecord:
     info: dict  # its READY body
     expiry: float = 0.0  # monotonic time after which a silent worker is dead
     jobs: set = field(default_factory=set)  # ids of the jobs sent to it and not yet ended
+    held_until: float = 0.0  # it answered worker_busy: no new job before this monotonic time
 
     def free(self) -> int:
         return self.slots - len(self.jobs)
@@ -69,12 +70,14 @@ class ModelPool:
         if job in self.queue:
             self.queue.remove(job)
 
-    def dispatch(self) -> list[tuple[WorkerRecord, Job]]:
-        """Assign waiting jobs, oldest first, each to the worker with the most free slots, while any has one.
-        Returns the assignments; the caller sends the jobs."""
+    def dispatch(self, now: float) -> list[tuple[WorkerRecord, Job]]:
+        """Assign waiting jobs, oldest first, each to the worker with the most free slots, while any has one
+        (a worker held back after a worker_busy answer is skipped). Returns the assignments; the caller
+        sends the jobs."""
         sent = []
+        ready = [w for w in self.workers.values() if w.held_until <= now]
         while self.queue:
-            worker = max(self.workers.values(), key=WorkerRecord.free, default=None)
+            worker = max(ready, key=WorkerRecord.free, default=None)
             if worker is None or worker.free() <= 0:
                 break
             job = self.queue.popleft()

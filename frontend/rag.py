@@ -16,7 +16,7 @@ from pathlib import PurePath
 from frontend import validation as v
 from frontend.config import MAX_CHUNK_CAPACITY, MIN_CHUNK_CAPACITY, RAG_PROMPT, ModelConfig
 from frontend.errors import APIError, bad_request
-from frontend.jobs import JobRunner
+from frontend.jobs import JobRunner, in_order
 from store import Hit, Store, content_hash
 from worker import protocol as ewp
 from store.catalog import check_name
@@ -69,11 +69,11 @@ class Knowledge:
 
     def embed(self, model: str, texts: list) -> tuple[list[list[float]], int]:
         chunks, done = self.runner.collect(model, {"kind": ewp.JOB_EMBEDDING, "input": texts})
-        return [c["embedding"] for c in _in_order(chunks, len(texts))], done["usage"]["prompt_tokens"]
+        return [c["embedding"] for c in in_order(chunks, len(texts))], done["usage"]["prompt_tokens"]
 
     def chunk(self, model: str, text: str, capacity: int | None = None, gone: Gone | None = None) -> list[str]:
         chunks, _ = self.runner.collect(model, self._chunk_job(text, capacity, embed=False), gone)
-        return [c["text"] for c in _in_order(chunks)]
+        return [c["text"] for c in in_order(chunks)]
 
     def ingest(self, filename: str, data: bytes, text: str, *, collection: str, model: str,
                capacity: int | None = None, gone: Gone | None = None) -> IngestResult:
@@ -87,7 +87,7 @@ class Knowledge:
         chunks, done = self.runner.collect(model, self._chunk_job(text, capacity, embed=True), gone)
         if not chunks:
             raise bad_request(f"'{filename}' holds no text", "file", code="empty_file")
-        chunks = _in_order(chunks)
+        chunks = in_order(chunks)
         record, status = self.store.ingest_document(collection, model, filename, data, digest,
                                                     [c["text"] for c in chunks], [c["embedding"] for c in chunks])
         log.info("ingested %r into %r: %s, %d chunks", filename, collection, status, len(chunks))
@@ -110,15 +110,6 @@ class Knowledge:
                               code="embedding_model_mismatch")
         [vector], _ = self.embed(collection.model, [query])
         return self.store.search(collection_name, vector, limit=limit, score_threshold=score_threshold)
-
-
-def _in_order(chunks: list[dict], expected: int | None = None) -> list[dict]:
-    """A job's CHUNK bodies sorted by index, checked to be exactly 0..n-1 (n = ``expected``)."""
-    ordered = sorted(chunks, key=lambda c: c["index"])
-    if [c["index"] for c in ordered] != list(range(len(ordered) if expected is None else expected)):
-        raise APIError("worker_protocol_error",
-                       f"the embedding worker returned {len(ordered)} results with wrong indices")
-    return ordered
 
 
 def last_user_text(messages: list[dict]) -> str:

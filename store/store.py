@@ -175,7 +175,8 @@ class Store:
                 " ORDER BY knn.distance, ch.id",
                 (blob, min(limit, vec_tables.MAX_K)),
             )
-        hits = [Hit(score=1.0 - row.pop("distance"), **row) for row in rows]
+        # A vector without a direction (all zeros) has no cosine distance (NULL): it matches nothing.
+        hits = [Hit(score=1.0 - row.pop("distance"), **row) for row in rows if row["distance"] is not None]
         if score_threshold is None:
             return hits
         return [hit for hit in hits if hit.score >= score_threshold]

@@ -10,6 +10,8 @@ Modes of the real WorkerLoop:
     die0     exits abruptly as soon as it has a job, before answering anything
     stall    accepts jobs and never answers, but keeps heartbeating
     garbage  answers with a CHUNK whose body lacks the fields the front end needs
+    misfit   answers a chat job with a well-formed embedding CHUNK (the wrong shape for the job)
+    busy     answers every job with ERROR worker_busy, however many slots it claims
 
 Rogue peers, a bare DEALER socket each (they exit by themselves):
     flood       registers, then sends HEARTBEATs as fast as it can for --seconds
@@ -31,7 +33,7 @@ import zmq  # noqa: E402
 import zmq.auth  # noqa: E402
 
 from worker import protocol as ewp  # noqa: E402
-from worker.loop import CurveKeys, Event, WorkerLoop  # noqa: E402
+from worker.loop import CurveKeys, Event, JobError, WorkerLoop  # noqa: E402
 
 ROGUES = ("flood", "deep-ready", "oversized")
 
@@ -49,6 +51,8 @@ class FaultyEngine:
         return {"n_ctx": 512}
 
     def submit(self, job_id: str, request: dict) -> None:
+        if self.mode == "busy":
+            raise JobError(ewp.WORKER_BUSY, "always busy")
         if self.record:
             with open(self.record, "a") as f:
                 f.write(job_id + "\n")
@@ -76,6 +80,9 @@ class FaultyEngine:
             elif self.mode == "garbage":
                 del self.jobs[job_id]
                 events.append(Event(job_id, ewp.CHUNK, {"nonsense": True}))
+            elif self.mode == "misfit":
+                del self.jobs[job_id]
+                events.append(Event(job_id, ewp.CHUNK, {"index": 0, "embedding": [1.0]}))
             elif state == 0:
                 self.jobs[job_id] = 1
                 events.append(Event(job_id, ewp.CHUNK, {"text": "hello"}))
@@ -129,7 +136,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--connect", required=True)
     p.add_argument("--model-name", required=True)
-    p.add_argument("--mode", choices=["echo", "die", "die0", "stall", "garbage", *ROGUES], required=True)
+    p.add_argument("--mode", choices=["echo", "die", "die0", "stall", "garbage", "misfit", "busy", *ROGUES], required=True)
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--record", help="echo: append the id of every job it is given to this file")
     p.add_argument("--seconds", type=float, default=5.0, help="rogues: how long to flood, or to stay connected")

@@ -249,6 +249,17 @@ def test_foreign_host_is_refused_without_a_key(open_server):
     assert "models" in open_server.http.get("/health").json()  # no key configured: the full view
 
 
+def test_a_malformed_host_is_a_400_not_a_500(open_server):
+    """Host names Werkzeug cannot encode (empty or over-long DNS labels) are refused as bad requests,
+    without a traceback in the log."""
+    for host in ("localhost..", "..", ".", "a" * 64):
+        for path in ("/v1/models", "/health"):
+            r = open_server.http.get(path, headers={"Host": host})
+            assert r.status_code in (400, 403), (host, r.status_code)
+            assert r.json()["error"]["code"] in ("http_error", "host_not_allowed")
+    assert "Traceback" not in open_server.log_text()
+
+
 # -- the policy's pure functions (fast, no server) -----------------------------------------------
 def make_request(path="/v1/models", method="GET", headers=None, host="127.0.0.1:8080") -> Request:
     return Request(EnvironBuilder(path=path, method=method, headers={"Host": host, **(headers or {})}).get_environ())

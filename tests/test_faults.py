@@ -16,7 +16,8 @@ import zmq
 from conftest import ROOT, ServerProcess, model_config, sse_events
 from worker import protocol as ewp
 
-FAKES = ("fake-echo", "fake-die", "fake-stall", "fake-garbage", "fake-absent", "fake-flaky")
+FAKES = ("fake-echo", "fake-die", "fake-stall", "fake-garbage", "fake-absent", "fake-flaky", "fake-misfit",
+         "fake-busy")
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +126,22 @@ def test_garbage_frames_are_dropped(faulty):
     faulty.start_fake("echo")
     assert ask(faulty, "fake-echo").status_code == 200
     assert "dropped a bad message" in faulty.log_text()
+
+
+def test_a_reply_of_the_wrong_shape_for_the_job_is_a_protocol_error(faulty):
+    faulty.start_fake("misfit")
+    r = ask(faulty, "fake-misfit")
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "worker_protocol_error"
+    assert "text" in r.json()["error"]["message"]
+
+
+def test_a_worker_that_always_says_busy_does_not_starve_its_model(faulty):
+    """Its jobs go to the honest worker: after a worker_busy answer a worker gets no new job for a
+    moment, so the job does not bounce between the broker and the liar until the queue times out."""
+    faulty.start_fake("busy", "fake-busy")
+    faulty.start_fake("echo", "fake-busy", count=2)
+    for _ in range(3):
+        r = ask(faulty, "fake-busy")
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "hello world"

@@ -20,7 +20,7 @@ def test_dispatch_goes_to_the_worker_with_most_free_slots_oldest_job_first():
     pool.add(big)
     for n in range(5):
         pool.enqueue(job(n))
-    sent = pool.dispatch()
+    sent = pool.dispatch(now=0.0)
     assert [j.job_id for _, j in sent] == [f"{n:032x}" for n in range(4)]  # 4 slots in all
     assert [w for w, _ in sent][:2] == [big, big]  # 3 free beats 1 free, then 2 beats 1
     assert small.free() == 0 and big.free() == 0
@@ -64,3 +64,16 @@ def test_expired_workers_and_snapshot():
     snapshot = pool.snapshot()
     assert snapshot["slots"] == 2 and snapshot["free_slots"] == 2 and snapshot["queued"] == 1
     assert snapshot["kind"] == "chat" and len(snapshot["workers"]) == 1
+
+
+def test_a_worker_held_after_worker_busy_gets_no_job_until_the_hold_ends():
+    pool = ModelPool("m", queue_size=8, queue_timeout=30)
+    liar, honest = worker("liar", 64), worker("honest", 1)
+    pool.add(liar)
+    pool.add(honest)
+    liar.held_until = 10.0
+    pool.enqueue(job(1))
+    pool.enqueue(job(2))
+    assert [w for w, _ in pool.dispatch(now=5.0)] == [honest]  # the other waits rather than bounce
+    assert len(pool.queue) == 1
+    assert [w for w, _ in pool.dispatch(now=10.0)] == [liar]

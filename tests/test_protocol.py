@@ -121,11 +121,14 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_
 
 @pytest.mark.parametrize("command, body, ok", [
     (ewp.CHUNK, {"text": "\ud800"}, False),  # would fail to encode for the client
-    (ewp.CHUNK, {"index": 0, "embedding": [1e308, -0.5]}, True),
+    (ewp.CHUNK, {"index": 0, "embedding": [3e38, -0.5]}, True),
+    (ewp.CHUNK, {"index": 0, "embedding": [1e308, -0.5]}, False),  # beyond float32: cannot be stored
+    (ewp.CHUNK, {"index": 0, "embedding": [0.0, 0.0]}, False),  # no direction: no cosine
+    (ewp.CHUNK, {"index": 0, "embedding": []}, False),
     (ewp.CHUNK, {"index": 0, "embedding": [float("inf")]}, False),  # what 1e999 decodes to
     (ewp.CHUNK, {"index": 0, "embedding": [0.0] * (ewp.MAX_EMBEDDING + 1)}, False),
-    (ewp.CHUNK, {"index": -1, "embedding": [0.0]}, False),
-    (ewp.CHUNK, {"index": 0, "text": "chunk", "embedding": [0.0]}, True),
+    (ewp.CHUNK, {"index": -1, "embedding": [0.5]}, False),
+    (ewp.CHUNK, {"index": 0, "text": "chunk", "embedding": [0.5]}, True),
     (ewp.CHUNK, {"text": "a", "extra": 1}, False),
     (ewp.DONE, {"finish_reason": "length", "usage": USAGE}, True),
     (ewp.DONE, {"finish_reason": None, "usage": {"prompt_tokens": 3, "total_tokens": 3}}, True),
@@ -143,3 +146,13 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_
 ])
 def test_job_body_schema(command, body, ok):
     assert (ewp.check_job_body(ewp.Message(command, JOB_ID, body)) is None) == ok
+
+
+@pytest.mark.parametrize("job, fields", [
+    ({"kind": "chat"}, {"text"}),
+    ({"kind": "embedding"}, {"index", "embedding"}),
+    ({"kind": "chunk"}, {"index", "text"}),
+    ({"kind": "chunk", "embed": True}, {"index", "text", "embedding"}),
+])
+def test_the_fields_a_jobs_chunks_must_carry(job, fields):
+    assert ewp.chunk_fields(job) == fields

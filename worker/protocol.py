@@ -63,7 +63,6 @@ CHUNK, DONE and ERROR messages of its job.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from itertools import accumulate
@@ -128,7 +127,8 @@ MAX_JSON_DEPTH = 32  # nesting of [ and { in one body
 MAX_SLOTS = 4096  # slots one READY may claim (the server caps remote workers lower: remote_worker_max_slots)
 MAX_NAME = 128  # characters of a model name or a worker id
 MAX_COUNT = 2**31 - 1  # token counts, indexes, context sizes, pids
-MAX_EMBEDDING = 65536  # numbers in one embedding
+MAX_EMBEDDING = 8192  # numbers in one embedding (sqlite-vec's most dimensions)
+MAX_FLOAT32 = 3.4028234663852886e38  # an embedding is stored and sent (base64) as float32
 MAX_ERROR_MESSAGE = 4096  # characters of an ERROR's message (it reaches the client)
 FINISH_REASONS = frozenset({"stop", "length", "cancelled", None})
 
@@ -268,6 +268,15 @@ def check_job_body(msg: Message) -> str | None:
     return f"{msg.name} is not a job message"
 
 
+def chunk_fields(job: dict) -> frozenset[str]:
+    """The fields every CHUNK answering ``job`` (a JOB body) must carry."""
+    if job.get("kind") == JOB_CHAT:
+        return frozenset({"text"})
+    if job.get("kind") == JOB_CHUNK:
+        return frozenset({"index", "text", "embedding"} if job.get("embed") else {"index", "text"})
+    return frozenset({"index", "embedding"})
+
+
 def _chunk_problem(body: dict) -> str | None:
     """Chat: {"text"}; embedding: {"index", "embedding"}; chunking: {"index", "text"}, plus
     "embedding" when the chunks are embedded too."""
@@ -278,11 +287,17 @@ def _chunk_problem(body: dict) -> str | None:
         return "CHUNK 'text' must be a string (of valid Unicode)"
     if index is not None and not _integer(index, 0, MAX_COUNT):
         return f"CHUNK 'index' must be an integer from 0 to {MAX_COUNT}"
-    if embedding is not None and (index is None or not isinstance(embedding, list) or len(embedding) > MAX_EMBEDDING
-                                  or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                             and math.isfinite(x) for x in embedding)):
-        return f"CHUNK 'embedding' must be a list of at most {MAX_EMBEDDING} finite numbers, with an 'index'"
+    if embedding is not None and (index is None or not _vector(embedding)):
+        return (f"CHUNK 'embedding' must be a list of 1 to {MAX_EMBEDDING} float32 numbers, not all zero, "
+                "with an 'index'")
     return None
+
+
+def _vector(value) -> bool:
+    """A usable embedding: 1 to MAX_EMBEDDING numbers, each within float32, not all zero (no direction)."""
+    return isinstance(value, list) and 0 < len(value) <= MAX_EMBEDDING \
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) <= MAX_FLOAT32 for x in value) \
+        and any(value)
 
 
 def _done_problem(body: dict) -> str | None:

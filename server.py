@@ -32,13 +32,14 @@ from frontend.chat_api import ChatResponder, check_chat_context, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import check_input_context, embeddings_response, parse_embeddings
 from frontend.errors import APIError, as_api_error, bad_request, error_response
+from frontend.files_api import file_list, file_object
 from frontend.filenames import clean_filename, content_disposition
 from frontend.http_server import HTTPLimits, HTTPServer
 from frontend.jobs import JobClient, JobRunner, disconnect_check, in_order
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context, parse_chunk_capacity
 from frontend.request_body import read_json
 from frontend.supervisor import Supervisor
-from store import FileRecord, Store, StoreError
+from store import Store, StoreError
 from worker import protocol as ewp
 from worker.keys import KeyFileError, authorized_keys
 from worker.settings import ModelSettings
@@ -57,11 +58,6 @@ def sse(data) -> bytes:
 
 def json_response(body: dict, status: int = 200) -> Response:
     return Response(json.dumps(body, ensure_ascii=False), status=status, mimetype="application/json")
-
-
-def file_object(record: FileRecord) -> dict:
-    return {"id": record.id, "object": "file", "bytes": record.size, "created_at": record.created_at,
-            "filename": record.filename, "purpose": record.purpose}
 
 
 class EdgeLLM:
@@ -204,6 +200,11 @@ class EdgeLLM:
         check_chat_context(call, self.context_size(model), self.config.chars_per_token)
         model_config = self.config.model(model)
         if model_config and model_config.rag_collection and v.boolean(body, "rag", default=True):
+            if self.store.get_collection(model_config.rag_collection) is None:
+                raise APIError("collection_not_found", f"model '{model}' answers from collection "
+                               f"'{model_config.rag_collection}' (the server's rag_collection), which holds no "
+                               "documents yet: ingest some with POST /v1/create/rag, or send \"rag\": false",
+                               "rag")
             hits = self.knowledge.retrieve(last_user_text(call.job["messages"]), model_config.rag_collection,
                                            model=None, limit=self.config.retrieve_limit,
                                            score_threshold=self.config.score_threshold)
@@ -268,7 +269,7 @@ class EdgeLLM:
         return json_response(file_object(self.store.add_file(filename, data, purpose)))
 
     def on_list_files(self, request: Request) -> Response:
-        return json_response({"object": "list", "data": [file_object(f) for f in self.store.list_files()]})
+        return json_response(file_list(self.store.list_files(), request.args.to_dict()))
 
     def on_get_file(self, request: Request, file_id: str) -> Response:
         return json_response(file_object(self.store.get_file(file_id)))

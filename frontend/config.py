@@ -119,7 +119,7 @@ class ServerConfig:
                                      help="lowest cosine score retrieved")
     api_keys: tuple[str, ...] = setting((), flag="--api-key",
                                         help="require this API key (Authorization: Bearer KEY) on every "
-                                             "request but /health; repeat for several")
+                                             "request but /health; repeat the flag or separate keys with commas for several")
     api_key_file: str | None = setting(None, flag="--api-key-file",
                                        help="file of API keys, one per line (blank lines and # comments "
                                             f"ignored); added to --api-key and {API_KEY_ENV}")

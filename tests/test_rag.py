@@ -200,3 +200,23 @@ def test_ingest_cli(server, tmp_path):
     assert "4/4" in first.stderr  # the progress bar
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert "0 added, 0 replaced, 4 unchanged, 0 failed" in again.stdout
+
+
+def test_file_list_pages_as_openai_clients_expect(server, paris):
+    """The official client pages through GET /v1/files with after/limit until has_more is false."""
+    listed = server.http.get("/v1/files").json()
+    assert listed["has_more"] is False and listed["first_id"] == listed["data"][0]["id"]
+    ids = [f["id"] for f in listed["data"]]
+    assert len(ids) >= 4
+    created = [f["created_at"] for f in listed["data"]]
+    assert created == sorted(created, reverse=True)  # newest first, as OpenAI's default order
+    first = server.http.get("/v1/files", params={"limit": 2}).json()
+    assert [f["id"] for f in first["data"]] == ids[:2] and first["has_more"] is True
+    rest = server.http.get("/v1/files", params={"limit": 10_000, "after": first["last_id"]}).json()
+    assert [f["id"] for f in rest["data"]] == ids[2:] and rest["has_more"] is False
+    assert [f["id"] for f in server.http.get("/v1/files", params={"order": "asc"}).json()["data"]] == ids[::-1]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=30)
+    assert [f.id for f in client.files.list(limit=1)] == ids  # auto-paging ends
+    for bad in ({"limit": "0"}, {"order": "sideways"}, {"after": "file_none"}, {"page": "2"}):
+        r = server.http.get("/v1/files", params=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad))

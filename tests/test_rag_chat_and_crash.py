@@ -142,3 +142,19 @@ def test_killed_mid_ingestion_leaves_a_consistent_store(tmp_path):
     finally:
         srv.stop()
     assert consistency(state / "store.db") == (16, 16)
+
+
+def test_rag_chat_before_anything_was_ingested_says_what_to_do(tmp_path):
+    config = (model_config("smol-empty-rag", CHAT_PATH, threads=2, rag_collection="nothing-yet")
+              + model_config(EMBED_MODEL, EMBED_PATH, kind="embedding", ctx_size=512, threads=2))
+    srv = ServerProcess(config, tmp_path)
+    try:
+        body = {"model": "smol-empty-rag", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+        r = srv.http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 404
+        error = r.json()["error"]
+        assert error["code"] == "collection_not_found" and error["param"] == "rag"
+        assert "/v1/create/rag" in error["message"] and '"rag": false' in error["message"]
+        assert srv.http.post("/v1/chat/completions", json={**body, "rag": False}).status_code == 200
+    finally:
+        srv.stop()

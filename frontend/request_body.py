@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import json
 import re
-from array import array
-from itertools import accumulate
 
 from werkzeug.wrappers import Request
 
 from frontend.errors import APIError, bad_request
+from worker.strict_json import has_lone_surrogate, nests_deeper_than, refuse_constant
 
 _READ_SIZE = 64 * 1024
 
-_NOT_SKELETON = bytes(c for c in range(256) if c not in b'"[]{}')
-_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
-_DEPTH_BLOCK = 1 << 16
 # The escape of a UTF-16 surrogate; only a body holding one can parse into a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -60,50 +56,20 @@ def read_body(request: Request, max_bytes: int) -> bytes:
         parts.append(part)
 
 
-def nests_deeper(data: bytes, max_depth: int) -> bool:
-    """Whether the arrays and objects of a UTF-8 JSON text nest more than ``max_depth`` deep
-    (brackets inside strings do not count). Linear, with bytes methods doing the per-byte work."""
-    # Drop escaped backslashes, then escaped quotes (left to right, as JSON reads them), then all
-    # but quotes and brackets. A string without brackets is then "", and dropping every "" pair
-    # (an empty string, or the end of one string and the start of the next with no bracket
-    # between them) leaves the brackets outside strings where they were.
-    skeleton = data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_SKELETON).replace(b'""', b"")
-    steps = b"".join(skeleton.split(b'"')[::2]).translate(_STEPS)  # the parts outside strings
-    depth = 0
-    for start in range(0, len(steps), _DEPTH_BLOCK):
-        block = array("b", steps[start:start + _DEPTH_BLOCK])
-        if max(accumulate(block, initial=depth)) > max_depth:
-            return True
-        depth += sum(block)
-    return False
-
-
 def lone_surrogate(value, path: str = "body") -> str | None:
     """The path of the first string (or key) holding a lone UTF-16 surrogate, or None. Recursive:
     call it only on a value whose nesting was bounded."""
     if isinstance(value, str):
-        return None if value.isascii() or not _has_surrogate(value) else path
+        return None if value.isascii() or not has_lone_surrogate(value) else path
     if isinstance(value, list):
         return next((p for i, item in enumerate(value) if (p := lone_surrogate(item, f"{path}[{i}]"))), None)
     if isinstance(value, dict):
         for key, item in value.items():
-            if _has_surrogate(key):
+            if has_lone_surrogate(key):
                 return f"{path} (a key)"
             if found := lone_surrogate(item, f"{path}.{key}" if path != "body" else key):
                 return found
     return None
-
-
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_json(data: bytes, max_depth: int):
@@ -113,11 +79,11 @@ def parse_json(data: bytes, max_depth: int):
     except UnicodeDecodeError as exc:
         raise bad_request(f"the request body is not UTF-8 (byte 0x{data[exc.start]:02x} at position {exc.start}):"
                           " send JSON encoded as UTF-8", code="invalid_json") from None
-    if data.count(b"[") + data.count(b"{") > max_depth and nests_deeper(data, max_depth):
+    if nests_deeper_than(data, max_depth):
         raise bad_request(f"the request body nests arrays and objects more than {max_depth} deep (the server's "
                           "max_json_depth)", code="invalid_json")
     try:
-        value = json.loads(text, parse_constant=_no_constants)
+        value = json.loads(text, parse_constant=refuse_constant)
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer of more than 4300 digits
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if _SURROGATE_ESCAPE.search(data) and (path := lone_surrogate(value)):

@@ -110,6 +110,17 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy, and return that; None after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    return None
+
+
 def broker_limits(queue_size: int, queue_timeout: float, **overrides):
     """A Broker's limits with the server's defaults (ServerConfig) for what a test does not set."""
     from frontend.broker import BrokerLimits

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import CHAT_MODEL, CHAT_PATH, ServerProcess, model_config
+from conftest import CHAT_MODEL, CHAT_PATH, ServerProcess, model_config, wait_for
 
 # Four prompts asking for long answers, each of a different token count (5, 6, 12 and 17 tokens).
 TOGETHER = ["Tell me about cats.", "Explain gravity to a child.", "Write a story about a dragon who lives in a cave.",
@@ -28,15 +28,6 @@ def ask(server, prompt: str, seed: int, max_tokens: int = 40, **extra) -> dict:
 
 def free_slots(server, model=CHAT_MODEL) -> int:
     return server.health()["models"][model]["free_slots"]
-
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_concurrent_requests_get_their_own_answers(server):

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from conftest import CHAT_MODEL, CHAT_PATH, EMBED_MODEL, EMBED_PATH, ServerProcess, model_config
+from conftest import CHAT_MODEL, CHAT_PATH, EMBED_MODEL, EMBED_PATH, ServerProcess, model_config, wait_for
 from frontend.config import ConfigError, add_server_flags, load_config
 from frontend.errors import APIError
 from frontend.jobs import STOPPING_KEY, client_gone, disconnect_check
@@ -26,16 +26,6 @@ from store import Store
 IDLE_CONNECTIONS = 1100  # past select()'s 1023 file descriptors, in the server and in this process
 CHAT = {"model": CHAT_MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
 EMBED = {"model": EMBED_MODEL, "input": "Paris is the capital of France."}
-
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    return None
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -206,7 +196,7 @@ def test_past_the_connection_bound_a_new_client_gets_503_and_others_are_served(b
         r = healthy.post("/v1/embeddings", json=EMBED)
         assert r.status_code == 200, r.text
     # The bound is on open connections: once they close, new clients are served again.
-    assert wait_for(lambda: httpx.get(f"{bounded.url}/v1/models", timeout=30).status_code == 200)
+    assert wait_for(lambda: httpx.get(f"{bounded.url}/v1/models", timeout=30).status_code == 200, 30)
 
 
 def test_past_the_thread_bound_requests_get_503_until_threads_free_up(bounded):
@@ -224,16 +214,16 @@ def test_past_the_thread_bound_requests_get_503_until_threads_free_up(bounded):
         for expected in (1, 2):
             sock = stack.enter_context(socket.create_connection(("127.0.0.1", bounded.port), timeout=30))
             sock.sendall(request)
-            assert wait_for(lambda: queued() == expected), bounded.health()
+            assert wait_for(lambda: queued() == expected, 30), bounded.health()
         sock = stack.enter_context(socket.create_connection(("127.0.0.1", bounded.port), timeout=30))
         sock.sendall(request)  # the third thread: none is left for anything else
-        r = wait_for(lambda: (r := httpx.get(f"{bounded.url}/v1/models", timeout=30)).status_code == 503 and r)
+        r = wait_for(lambda: (r := httpx.get(f"{bounded.url}/v1/models", timeout=30)).status_code == 503 and r, 30)
         assert r, "no request was refused with every request thread taken"
         err = assert_api_error(r, 503, "server_busy")
         assert "thread" in err["message"] and r.headers["Retry-After"] == "1"
     # The clients left: their jobs leave the queue and the threads serve again.
-    assert wait_for(lambda: httpx.get(f"{bounded.url}/health", timeout=30).status_code == 200)
-    assert wait_for(lambda: queued() == 0), bounded.health()
+    assert wait_for(lambda: httpx.get(f"{bounded.url}/health", timeout=30).status_code == 200, 30)
+    assert wait_for(lambda: queued() == 0, 30), bounded.health()
 
 
 def test_a_client_that_sends_nothing_or_drips_headers_is_cut_after_the_read_timeout(bounded):

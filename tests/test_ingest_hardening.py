@@ -16,7 +16,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from conftest import EMBED_MODEL, EMBED_PATH, ServerProcess, model_config
+from conftest import EMBED_MODEL, EMBED_PATH, ServerProcess, model_config, wait_for
 from frontend.config import MIN_CHUNK_CAPACITY, ConfigError, add_server_flags, load_config
 from frontend.filenames import MAX_FILENAME_CHARS, clean_filename, content_disposition
 from test_chunking import prose
@@ -68,15 +68,6 @@ def upload(srv, file_params: str, data: bytes, endpoint: str = "/v1/files", **fi
 
 def free_slots(srv) -> int:
     return srv.health()["models"][EMBED_MODEL]["free_slots"]
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def post_and_keep_open(srv, path: str, body: bytes, content_type: str) -> socket.socket:

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from worker import protocol as ewp
+from worker.strict_json import nests_deeper_than
 
 JOB_ID = "0123456789abcdef0123456789abcdef"
 
@@ -73,13 +74,13 @@ def test_a_body_nested_100000_deep_is_refused_before_json_loads_sees_it():
     (b"]" * 100 + b"[" * 10, False),  # unbalanced, shallow: json.loads refuses it
 ])
 def test_nesting_depth_is_measured_outside_strings(data, deeper):
-    assert ewp.nests_deeper_than(data, ewp.MAX_JSON_DEPTH) == deeper
+    assert nests_deeper_than(data, ewp.MAX_JSON_DEPTH) == deeper
 
 
 def test_the_depth_scan_stays_linear_on_what_would_make_a_regex_backtrack():
     started = time.monotonic()
     for data in (b'"' + b'\\"' * 500_000, b'"\\' * 500_000, b'"' * 1_000_000, b"[" * 1_000_000):
-        ewp.nests_deeper_than(data, ewp.MAX_JSON_DEPTH)
+        nests_deeper_than(data, ewp.MAX_JSON_DEPTH)
     assert time.monotonic() - started < 10  # a quadratic scan would take hours on these
 
 
@@ -90,14 +91,13 @@ def test_bodies_that_are_not_strict_json_are_refused(body):
         ewp.decode(body_frames(ewp.CHUNK, body))
 
 
-READY = {"model": "m", "kind": "chat", "slots": 2, "n_ctx": 512, "pid": 7, "worker_id": "abc123",
-         "chat_template": True}
+READY = {"model": "m", "kind": "chat", "slots": 2, "n_ctx": 512, "pid": 7, "worker_id": "abc123"}
 
 
 @pytest.mark.parametrize("changes, ok", [
     ({}, True),
-    ({"kind": "embedding", "n_embd": 384, "chat_template": None}, False),
-    ({"kind": "embedding", "n_embd": 384}, True),
+    ({"kind": "embedding"}, True),
+    ({"kind": "embedding", "n_embd": 384}, False),  # no such field (any more)
     ({"slots": ewp.MAX_SLOTS}, True),
     ({"slots": ewp.MAX_SLOTS + 1}, False), ({"slots": 0}, False), ({"slots": True}, False), ({"slots": 2.0}, False),
     ({"model": ""}, False), ({"model": "x" * (ewp.MAX_NAME + 1)}, False), ({"model": "a\nb"}, False),
@@ -111,7 +111,7 @@ def test_ready_schema(changes, ok):
 
 def test_ready_from_each_engine_shape_passes():
     assert ewp.check_ready({"model": "m", "kind": "chat", "slots": 1}) is None
-    for describe in ({"n_ctx": 2048, "chat_template": False}, {"n_ctx": 512, "n_embd": 384}):
+    for describe in ({"n_ctx": 2048}, {"n_ctx": 512}):  # ChatEngine.describe(), EmbeddingEngine.describe()
         assert ewp.check_ready({"model": "m", "kind": "chat", "slots": 4, "pid": 1, "worker_id": "0a1b", **describe}) \
             is None
 

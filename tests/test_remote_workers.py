@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
-from conftest import CHAT_PATH, ROOT, ServerProcess, free_port, model_config
+from conftest import CHAT_PATH, ROOT, ServerProcess, free_port, model_config, wait_for
 
 
 def start_worker(addr: str, *extra: str) -> subprocess.Popen:
@@ -24,12 +23,7 @@ def registered(srv) -> int:
 
 
 def wait_registered(srv, timeout=60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if registered(srv):
-            return True
-        time.sleep(0.2)
-    return False
+    return bool(wait_for(lambda: registered(srv), timeout, interval=0.2))
 
 
 def make_keys(folder, name, *extra):

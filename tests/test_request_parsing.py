@@ -23,8 +23,9 @@ from frontend.embeddings_api import parse_embeddings as _parse_embeddings
 from frontend.embeddings_api import parse_input as _parse_input
 from frontend.errors import APIError
 from frontend.rag import last_user_text, merge_context
-from frontend.request_body import nests_deeper, parse_json, read_body
+from frontend.request_body import parse_json, read_body
 from store import Hit
+from worker.strict_json import nests_deeper_than
 
 USER = {"role": "user", "content": "hi"}
 LIMITS = v.RequestLimits.from_config(ServerConfig(models=[]))  # the server's defaults
@@ -558,9 +559,9 @@ def test_the_depth_scan_agrees_with_a_plain_scan():
     for _ in range(3000):
         text = random_json_ish(rng)
         depth = reference_depth(text)
-        assert nests_deeper(text.encode(), depth) is False, text
+        assert nests_deeper_than(text.encode(), depth) is False, text
         if depth:
-            assert nests_deeper(text.encode(), depth - 1) is True, text
+            assert nests_deeper_than(text.encode(), depth - 1) is True, text
 
 
 @pytest.mark.parametrize("data, path", [

@@ -25,7 +25,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from conftest import CHAT_MODEL, CHAT_PATH, ROOT, ServerProcess, broker_limits, free_port, model_config
+from conftest import CHAT_MODEL, CHAT_PATH, ROOT, ServerProcess, broker_limits, free_port, model_config, wait_for
 from frontend.broker import Broker, Watchdog
 from frontend.config import is_loopback
 from frontend.errors import APIError
@@ -41,16 +41,6 @@ def make_keys(folder, name, *extra) -> tuple:
     subprocess.run([sys.executable, str(ROOT / "server.py"), "keys", name, "--dir", str(folder), *extra],
                    capture_output=True, text=True, check=True)
     return folder / f"{name}.key", folder / f"{name}.key_secret"
-
-
-def wait_until(condition, timeout: float = 30.0, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(step)
-    return None
 
 
 def chat(srv, model: str = CHAT_MODEL, timeout: float = 120) -> dict:
@@ -123,7 +113,7 @@ def rogues(port):
 
 
 def log_has(srv, text: str, timeout: float = 30.0) -> bool:
-    return bool(wait_until(lambda: text in srv.log_path.read_text(errors="replace"), timeout))
+    return bool(wait_for(lambda: text in srv.log_path.read_text(errors="replace"), timeout, 0.2))
 
 
 def test_a_stolen_model_name_is_refused_and_never_gets_a_job(port, rogues):
@@ -148,7 +138,7 @@ def test_a_key_bound_to_one_model_cannot_register_another(port, rogues):
     rogues("echo", "pi-a", "remote-b")
     assert log_has(port, "its key may serve remote-a, not model 'remote-b'"), port.log_text()
     good = rogues("echo", "pi-a", "remote-a")
-    assert wait_until(lambda: good.pid in pids(port, "remote-a")), port.log_text()
+    assert wait_for(lambda: good.pid in pids(port, "remote-a"), 30), port.log_text()
     assert chat(port, "remote-a")["choices"][0]["message"]["content"] == "hello world"
     assert "remote-b" not in [m["id"] for m in port.http.get("/v1/models").json()["data"]]
     assert port.http.post("/v1/chat/completions", json={
@@ -184,7 +174,7 @@ def test_a_heartbeat_flood_does_not_drop_the_local_workers(port, rogues):
     workers' heartbeats went unread and they were dropped."""
     [local] = workers(port)
     flood = rogues("flood", "pi-a", "remote-a", "--seconds", "8")
-    assert wait_until(lambda: flood.pid in pids(port, "remote-a")), port.log_text()
+    assert wait_for(lambda: flood.pid in pids(port, "remote-a"), 30), port.log_text()
     answered = 0
     while flood.poll() is None:
         chat(port, timeout=60)
@@ -228,7 +218,7 @@ def test_many_idle_connections_do_not_hurt(port, rogues):
         assert port.http.get("/health").json()["status"] == "ok"
         chat(port, timeout=60)
         good = rogues("echo", "pi-a", "remote-a")  # a real remote worker still gets in beside them
-        assert wait_until(lambda: good.pid in pids(port, "remote-a")), port.log_text()
+        assert wait_for(lambda: good.pid in pids(port, "remote-a"), 30), port.log_text()
         assert chat(port, "remote-a")["choices"][0]["message"]["content"] == "hello world"
     finally:
         for conn in idle:
@@ -317,7 +307,7 @@ def test_a_dead_broker_is_a_503_and_the_server_exits_non_zero(tmp_path):
 
     watcher = threading.Thread(target=watch_health, daemon=True)
     try:
-        assert wait_until(up, 30), (tmp_path / "server.log").read_text()
+        assert wait_for(up, 30), (tmp_path / "server.log").read_text()
         watcher.start()
         started = time.monotonic()
         r = http.post("/v1/chat/completions", json={"model": "break-the-broker",
@@ -346,7 +336,7 @@ def test_watchdog_reports_a_problem_once():
 
     seen = []
     watchdog = Watchdog(FakeBroker(), seen.append, interval=0.01).start()
-    assert wait_until(lambda: seen, 5, 0.01)
+    assert wait_for(lambda: seen, 5, 0.01)
     time.sleep(0.1)
     watchdog.stop()
     assert seen == ["the broker thread failed: boom"]

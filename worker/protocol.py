@@ -65,7 +65,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from itertools import accumulate
+
+from worker.strict_json import has_lone_surrogate, nests_deeper_than, refuse_constant
 
 PROTOCOL = b"EWP1"
 
@@ -183,7 +184,7 @@ def decode(frames: list[bytes]) -> Message:
         if nests_deeper_than(rest[0], MAX_JSON_DEPTH):
             raise ProtocolError(f"{COMMAND_NAMES[command]} body nests deeper than {MAX_JSON_DEPTH}")
         try:
-            body = json.loads(rest[0].decode("utf-8"), parse_constant=_no_constant)
+            body = json.loads(rest[0].decode("utf-8"), parse_constant=refuse_constant)
         except ValueError as exc:  # bad UTF-8, bad JSON, NaN/Infinity, an integer of over 4300 digits
             raise ProtocolError(f"{COMMAND_NAMES[command]} body is not JSON: {exc}") from None
         if not isinstance(body, dict):
@@ -193,30 +194,9 @@ def decode(frames: list[bytes]) -> Message:
     return Message(command, job_id, body)
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)  # possessive: never backtracks
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-_BRACKET_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
-
-
-def nests_deeper_than(data: bytes, limit: int) -> bool:
-    """Whether the [ and { of a JSON text nest more than ``limit`` deep outside its strings.
-    Linear and without recursion, so it runs before json.loads (whose recursion a body nested
-    100,000 deep exhausts): the strings are cut out (an unterminated one runs to the end), all
-    but the brackets deleted, and the running sum of +1 per opening and -1 per closing bracket
-    maximised, all in C."""
-    steps = _JSON_STRING.sub(b"", data).translate(_BRACKET_STEP, _NOT_BRACKET)
-    if steps.count(1) <= limit:  # the usual body: too few brackets to nest that deep
-        return False
-    return max(accumulate(memoryview(steps).cast("b"))) > limit
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def check_ready(body: dict) -> str | None:
     """What is wrong with a READY body, or None if it is sound: {"model", "kind", "slots"} and the
-    optional fields engines add ("n_ctx", "n_embd", "chat_template", "pid", "worker_id"), nothing else."""
+    optional fields ("n_ctx" from the engine, "pid", "worker_id"), nothing else."""
     unknown = set(body) - _READY_FIELDS
     if unknown:
         return f"READY has unknown field(s) {sorted(unknown)[:5]}"
@@ -226,20 +206,17 @@ def check_ready(body: dict) -> str | None:
         return "READY 'kind' must be 'chat' or 'embedding'"
     if not _integer(body.get("slots"), 1, MAX_SLOTS):
         return f"READY 'slots' must be an integer from 1 to {MAX_SLOTS}"
-    for key in ("n_ctx", "n_embd", "pid"):
+    for key in ("n_ctx", "pid"):
         if key in body and not _integer(body[key], 0, MAX_COUNT):
             return f"READY {key!r} must be an integer from 0 to {MAX_COUNT}"
     if "worker_id" in body and not _name(body["worker_id"]):
         return f"READY 'worker_id' must be a printable string of 1 to {MAX_NAME} characters"
-    if not isinstance(body.get("chat_template", False), bool):
-        return "READY 'chat_template' must be true or false"
     return None
 
 
-_READY_FIELDS = {"model", "kind", "slots", "n_ctx", "n_embd", "chat_template", "pid", "worker_id"}
+_READY_FIELDS = {"model", "kind", "slots", "n_ctx", "pid", "worker_id"}
 # Printable, and no lone surrogates (json.loads lets "\ud800" through; encoding it as UTF-8 raises).
 _NAME = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,%d}" % MAX_NAME)
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _name(value) -> bool:
@@ -248,7 +225,7 @@ def _name(value) -> bool:
 
 def _text(value, limit: int | None = None) -> bool:
     """A string that can be sent on as UTF-8, of at most ``limit`` characters."""
-    return isinstance(value, str) and (limit is None or len(value) <= limit) and not _SURROGATE.search(value)
+    return isinstance(value, str) and (limit is None or len(value) <= limit) and not has_lone_surrogate(value)
 
 
 def _integer(value, low: int, high: int) -> bool:

@@ -70,9 +70,8 @@ class EdgeLLM:
         Path(config.store_path).parent.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.store_path)
         context = zmq.Context.instance()  # the process's one ZeroMQ context: inproc needs both ends in it
-        self.broker = Broker(config.worker_addr, context=context, remote=remote_listener(config), limits=BrokerLimits(
-            config.queue_size, config.queue_timeout, max_message_bytes=config.worker_max_message_bytes,
-            message_rate=config.worker_message_rate, remote_max_slots=config.remote_worker_max_slots))
+        self.broker = Broker(config.worker_addr, context=context, remote=remote_listener(config),
+                             limits=BrokerLimits.from_config(config))
         self.supervisor = Supervisor(config.models, self.broker.worker_addr,
                                      verbose=config.log_level == "debug", on_exit=self.broker.worker_exited)
         self.jobs = JobRunner(self.broker.clients_addr, config.queue_timeout, config.request_timeout,

@@ -72,6 +72,13 @@ class BrokerLimits:
     message_rate: float  # messages a second per peer, besides the output of its own jobs
     remote_max_slots: int  # most slots a worker on the remote socket may register
 
+    @classmethod
+    def from_config(cls, config) -> "BrokerLimits":
+        """The broker's limits from the server's settings (frontend/config.py's ServerConfig)."""
+        return cls(queue_size=config.queue_size, queue_timeout=config.queue_timeout,
+                   max_message_bytes=config.worker_max_message_bytes, message_rate=config.worker_message_rate,
+                   remote_max_slots=config.remote_worker_max_slots)
+
 
 class Broker:
     def __init__(self, worker_addr: str, *, limits: BrokerLimits, clients_addr: str | None = None,

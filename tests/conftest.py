@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from frontend.broker import BrokerLimits
+from frontend.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -123,12 +127,8 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1):
 
 def broker_limits(queue_size: int, queue_timeout: float, **overrides):
     """A Broker's limits with the server's defaults (ServerConfig) for what a test does not set."""
-    from frontend.broker import BrokerLimits
-    from frontend.config import ServerConfig
-    defaults = {"max_message_bytes": ServerConfig.worker_max_message_bytes,
-                "message_rate": ServerConfig.worker_message_rate,
-                "remote_max_slots": ServerConfig.remote_worker_max_slots}
-    return BrokerLimits(queue_size, queue_timeout, **{**defaults, **overrides})
+    defaults = BrokerLimits.from_config(ServerConfig(models=[]))
+    return dataclasses.replace(defaults, queue_size=queue_size, queue_timeout=queue_timeout, **overrides)
 
 
 def sse_events(response: httpx.Response) -> list:

@@ -167,7 +167,8 @@ def test_a_document_with_too_many_chunks_is_refused_before_it_is_stored(limits):
     file_id = upload(limits, 'filename="fanout.txt"', data).json()["id"]
     r = limits.http.post("/v1/chunks", json={"id": file_id, "chunk_capacity": MIN_CHUNK_CAPACITY})
     assert r.status_code == 400 and str(MAX_CHUNKS) in r.json()["error"]["message"]
-    assert free_slots(limits) == 2  # the refused jobs ended
+    # The refused jobs ended (/health shows the broker's state as of its last loop turn: poll it).
+    assert wait_for(lambda: free_slots(limits) == 2, 5), limits.health()
 
 
 # -- a client that hangs up cancels its job -----------------------------------------------------

@@ -198,7 +198,7 @@ class EdgeLLM:
         model = self.resolve_model(call.model, ewp.JOB_CHAT)
         check_chat_context(call, self.context_size(model), self.config.chars_per_token)
         model_config = self.config.model(model)
-        if model_config and model_config.rag_collection and v.boolean(body, "rag", default=True):
+        if model_config and model_config.rag_collection and call.rag:
             if self.store.get_collection(model_config.rag_collection) is None:
                 raise APIError("collection_not_found", f"model '{model}' answers from collection "
                                f"'{model_config.rag_collection}' (the server's rag_collection), which holds no "
@@ -249,7 +249,7 @@ class EdgeLLM:
 
     def on_retrieve(self, request: Request) -> Response:
         body = self.json_body(request)
-        call = parse_chat(body, self.limits)
+        call = parse_chat(body, self.limits, endpoint="retrieve")
         if call.model is not None and self.model_names().get(call.model) == ewp.JOB_CHAT:
             call.model = None  # a chat model named here (as RAG clients do) leaves the collection's own
         elif call.model is not None:

@@ -59,7 +59,7 @@ def test_malformed_json(server):
     ({"model": CHAT_MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
     ({"model": CHAT_MODEL, "messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
     ({"model": CHAT_MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "messages[0].content"),
+     "messages[0].content[0]"),
     ({"model": 7, "messages": [{"role": "user", "content": "hi"}]}, "model"),
 ])
 def test_bad_messages_and_model(server, body, param):
@@ -70,7 +70,7 @@ def test_bad_messages_and_model(server, body, param):
     ("temperature", "hot"), ("temperature", 2.5), ("temperature", -1), ("temperature", True),
     ("top_p", 1.5), ("presence_penalty", 3), ("frequency_penalty", -2.5),
     ("max_tokens", 0), ("max_tokens", 1.5), ("max_completion_tokens", -3),
-    ("stream", "yes"), ("stop", 5), ("stop", ["a", 1]), ("seed", "x"), ("n", 2),
+    ("stream", "yes"), ("stop", 5), ("stop", ["a", 1]), ("seed", "x"), ("n", 129),
     ("stream_options", "on"), ("top_k", -1), ("min_p", 2),
 ])
 def test_bad_field_types_and_ranges(server, field, value):

@@ -8,13 +8,16 @@ import base64
 import json
 import random
 import struct
+from pathlib import Path
 
 import pytest
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
+from frontend import chat_api
 from frontend import validation as v
-from frontend.chat_api import MAX_STOP_STRINGS, ChatCall, check_chat_context, parse_stop
+from frontend.chat_api import (FIELDS, IGNORED, MAX_GRAMMAR_CHARS, MAX_LOGIT_BIAS, MAX_STOP_STRINGS, REFUSED,
+                               ChatCall, check_chat_context, fields_table, parse_stop)
 from frontend.chat_api import parse_chat as _parse_chat
 from frontend.chat_api import parse_messages as _parse_messages
 from frontend.config import RAG_PROMPT, ModelConfig, ServerConfig
@@ -114,7 +117,7 @@ def test_sampling_bounds_are_inclusive(field, value):
 
 @pytest.mark.parametrize("field, value, words", [
     ("model", 7, ["'model'", "string"]),
-    ("n", 2, ["'n'"]), ("n", 0, ["'n'"]), ("n", "1", ["'n'"]),
+    ("n", 129, ["'n'", "between 1 and 128"]), ("n", 0, ["'n'"]), ("n", "1", ["'n'"]),
     ("max_tokens", 0, ["'max_tokens'", "at least 1"]), ("max_tokens", 1.5, ["'max_tokens'", "integer"]),
     ("max_tokens", "9", ["'max_tokens'"]), ("max_tokens", True, ["'max_tokens'"]),
     ("max_completion_tokens", -3, ["'max_completion_tokens'"]),
@@ -163,17 +166,17 @@ def test_roles_and_contents():
         {"role": "user", "content": "What is\nthis?"},  # text parts joined by newlines
         {"role": "assistant", "content": ""},
         {"role": "assistant", "content": ""},
-        {"role": "tool", "content": ""},
-        {"role": "user", "content": ""},  # only role and content reach the worker
+        {"role": "tool", "content": "", "tool_call_id": "x"},
+        {"role": "user", "content": ""},  # the name is dropped: templates render role and content
         {"role": "user", "content": ""},
     ]
 
 
 def test_parse_messages_copies_its_input():
-    original = [{"role": "user", "content": "hi", "extra": 1}]
+    original = [{"role": "user", "content": "hi", "name": "bob"}]
     parsed = parse_messages(original)
     parsed[0]["content"] = "changed"
-    assert original == [{"role": "user", "content": "hi", "extra": 1}]
+    assert original == [{"role": "user", "content": "hi", "name": "bob"}]
 
 
 @pytest.mark.parametrize("messages, param, words", [
@@ -194,14 +197,19 @@ def test_parse_messages_copies_its_input():
     ([{"role": "developer"}], "messages[0].content", ["system"]),
     ([{"role": "user", "content": 42}], "messages[0].content", ["string"]),
     ([{"role": "user", "content": {"type": "text", "text": "hi"}}], "messages[0].content", []),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content",
-     ["image_url", "text"]),
-    ([{"role": "user", "content": ["hi"]}], "messages[0].content", ["messages[0].content[0]"]),
-    ([{"role": "user", "content": [{"text": "hi"}]}], "messages[0].content", ["'type'"]),
-    ([{"role": "user", "content": [{"type": 1, "text": "hi"}]}], "messages[0].content", []),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content[0]",
+     ["image_url", "text only"]),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio", "input_audio": {}}]}],
+     "messages[0].content[1]", ["text only"]),
+    ([{"role": "user", "content": [{"type": "file", "file": {}}]}], "messages[0].content[0]", ["text only"]),
+    ([{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}], "messages[0].content[0]",
+     ["only 'text'"]),
+    ([{"role": "user", "content": ["hi"]}], "messages[0].content[0]", ["messages[0].content[0]"]),
+    ([{"role": "user", "content": [{"text": "hi"}]}], "messages[0].content[0]", ["'type'"]),
+    ([{"role": "user", "content": [{"type": 1, "text": "hi"}]}], "messages[0].content[0]", []),
     ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": 5}]}],
-     "messages[0].content", ["messages[0].content[1].text"]),
-    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content", []),
+     "messages[0].content[1]", ["messages[0].content[1].text"]),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0]", []),
     ([USER, {"role": "assistant", "content": 3}], "messages[1].content", []),
 ])
 def test_bad_messages(messages, param, words):
@@ -616,3 +624,352 @@ def test_body_size_limit(content_length, terminated):
 
 def test_a_body_without_length_on_a_server_that_does_not_end_it_is_empty():
     assert read_body(wsgi_request(b"{}", content_length=False, terminated=False), 100) == b""
+
+
+# -- chat: the field table -------------------------------------------------------------------
+OPENAI_FIELDS = {  # POST /v1/chat/completions as OpenAI documents it (openai-python's create() arguments)
+    "messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n", "parallel_tool_calls",
+    "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+    "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop", "store",
+    "stream", "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
+    "verbosity", "web_search_options",
+}
+
+
+def test_every_openai_field_has_a_row():
+    assert OPENAI_FIELDS <= set(FIELDS)
+    assert set(FIELDS) - OPENAI_FIELDS == {"top_k", "min_p", "repeat_penalty", "grammar", "json_schema", "rag",
+                                           "collection", "limit", "score_threshold"}
+
+
+def test_the_readme_holds_the_field_table():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert fields_table() in readme
+
+
+@pytest.mark.parametrize("name", ["foo", "n_predict", "cache_prompt", "x" * 1000])
+def test_unknown_fields_are_400s(name):
+    err = api_error(parse_chat, {"messages": [USER], name: 1}, param=name[:64] + ("..." if len(name) > 64 else ""),
+                    mentions=["unrecognized request argument"])
+    assert len(err.message) < 200
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in FIELDS.items() if f.handling == REFUSED))
+def test_refused_fields_name_themselves_and_say_why(name):
+    err = api_error(parse_chat, {"messages": [USER], name: {"x": 1}}, param=name, mentions=[f"'{name}'"])
+    assert FIELDS[name].note in err.message
+    assert parse_chat({"messages": [USER], name: None}).job == {"kind": "chat", "messages": [USER], "stop": []}
+
+
+def test_functions_point_to_tools():
+    api_error(parse_chat, {"messages": [USER], "functions": [{"name": "f"}]}, param="functions",
+              mentions=["tools/tool_choice"])
+    api_error(parse_chat, {"messages": [USER], "function_call": "auto"}, param="function_call",
+              mentions=["tools/tool_choice"])
+
+
+IGNORED_VALUES = {"metadata": {"k": "v"}, "store": True, "user": "u", "safety_identifier": "s",
+                  "prompt_cache_key": "k", "prompt_cache_retention": "24h", "prompt_cache_options": {"ttl": "30m"},
+                  "service_tier": "auto"}
+
+
+def test_ignored_fields_change_nothing_but_keep_their_type():
+    assert set(IGNORED_VALUES) == {n for n, f in FIELDS.items() if f.handling == IGNORED}
+    assert parse_chat({"messages": [USER], **IGNORED_VALUES}) == parse_chat({"messages": [USER]})
+    for name in IGNORED_VALUES:
+        api_error(parse_chat, {"messages": [USER], name: 12}, param=name, mentions=[f"'{name}'"])
+
+
+def test_retrieve_fields_only_on_retrieve():
+    body = {"messages": [USER], "collection": "c", "limit": 3, "score_threshold": 0.5}
+    assert _parse_chat(body, LIMITS, endpoint="retrieve").job["messages"] == [USER]
+    api_error(parse_chat, body, param="collection", mentions=["unrecognized"])
+
+
+def test_rag_flag():
+    assert parse_chat({"messages": [USER]}).rag is True
+    assert parse_chat({"messages": [USER], "rag": False}).rag is False
+    api_error(parse_chat, {"messages": [USER], "rag": "no"}, param="rag")
+
+
+def test_modalities():
+    assert parse_chat({"messages": [USER], "modalities": ["text"]}) == parse_chat({"messages": [USER]})
+    for value in (["text", "audio"], ["audio"], [], "text"):
+        api_error(parse_chat, {"messages": [USER], "modalities": value}, param="modalities", mentions=["text only"])
+
+
+# -- chat: tool history ----------------------------------------------------------------------
+CALL = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+
+
+def test_tool_history_reaches_the_job():
+    messages = parse_messages([
+        USER,
+        {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "id": "call_2"}], "refusal": None},
+        {"role": "tool", "content": "12 C", "tool_call_id": "call_1"},
+        {"role": "tool", "content": [{"type": "text", "text": "13 C"}], "tool_call_id": "call_2", "name": "x"},
+        {"role": "assistant", "content": "Warm.", "tool_calls": []},
+    ])
+    assert messages == [
+        USER,
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "name": "weather", "arguments": '{"city": "Paris"}'},
+            {"id": "call_2", "name": "weather", "arguments": '{"city": "Paris"}'}]},
+        {"role": "tool", "content": "12 C", "tool_call_id": "call_1"},
+        {"role": "tool", "content": "13 C", "tool_call_id": "call_2"},
+        {"role": "assistant", "content": "Warm."},
+    ]
+
+
+def assistant(**fields):
+    return [USER, {"role": "assistant", "content": None, **fields}]
+
+
+@pytest.mark.parametrize("messages, param, words", [
+    ([{"role": "tool", "content": "x"}], "messages[0].tool_call_id", ["required"]),
+    ([{"role": "tool", "content": "x", "tool_call_id": 5}], "messages[0].tool_call_id", ["string"]),
+    ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages[0].tool_call_id", ["user"]),
+    ([{"role": "user", "content": "x", "tool_calls": [CALL]}], "messages[0].tool_calls", []),
+    ([{"role": "user", "content": "x", "colour": "red"}], "messages[0].colour", ["unrecognized"]),
+    (assistant(tool_calls=CALL), "messages[1].tool_calls", ["list"]),
+    (assistant(tool_calls=["x"]), "messages[1].tool_calls[0]", []),
+    (assistant(tool_calls=[{**CALL, "type": "custom"}]), "messages[1].tool_calls[0]", []),
+    (assistant(tool_calls=[{**CALL, "id": None}]), "messages[1].tool_calls[0].id", []),
+    (assistant(tool_calls=[{**CALL, "function": {"name": "f", "arguments": {"city": "Paris"}}}]),
+     "messages[1].tool_calls[0].function.arguments", ["string"]),
+    (assistant(tool_calls=[{**CALL, "function": {"arguments": "{}"}}]), "messages[1].tool_calls[0].function.name",
+     []),
+    (assistant(function_call={"name": "f", "arguments": "{}"}), "messages[1].function_call", ["tool_calls"]),
+    (assistant(refusal="I won't"), "messages[1].refusal", []),
+    (assistant(audio={"id": "a"}), "messages[1].audio", ["text only"]),
+])
+def test_bad_tool_history(messages, param, words):
+    api_error(parse_chat, {"messages": messages}, param=param, mentions=words)
+
+
+# -- chat: structured output -----------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def json_schema_format(**spec):
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, **spec}}
+
+
+@pytest.mark.parametrize("fields, output", [
+    ({"response_format": {"type": "text"}}, None),
+    ({"response_format": None}, None),
+    ({"response_format": {"type": "json_object"}}, {"type": "json_object"}),
+    ({"response_format": json_schema_format()}, {"type": "json_schema", "schema": SCHEMA}),
+    ({"response_format": json_schema_format(strict=True, description="d", name="a-B_9" * 12 + "abcd")},
+     {"type": "json_schema", "schema": SCHEMA}),
+    ({"json_schema": SCHEMA}, {"type": "json_schema", "schema": SCHEMA}),
+    ({"json_schema": SCHEMA, "response_format": {"type": "text"}}, {"type": "json_schema", "schema": SCHEMA}),
+    ({"grammar": 'root ::= "yes" | "no"'}, {"type": "grammar", "grammar": 'root ::= "yes" | "no"'}),
+])
+def test_output_shapes(fields, output):
+    job = parse_chat({"messages": [USER], **fields}).job
+    assert job.get("output") == output
+    assert ("output" in job) == (output is not None)
+
+
+@pytest.mark.parametrize("fields, param, words", [
+    ({"response_format": "json"}, "response_format", ["'type'"]),
+    ({"response_format": {}}, "response_format", []),
+    ({"response_format": {"type": "sound"}}, "response_format.type", ["sound", "json_schema"]),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", ["'name'"]),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+     "response_format.json_schema.name", []),
+    ({"response_format": json_schema_format(name="has space")}, "response_format.json_schema.name", ["64"]),
+    ({"response_format": json_schema_format(name="x" * 65)}, "response_format.json_schema.name", []),
+    ({"response_format": json_schema_format(schema=123)}, "response_format.json_schema.schema", ["int"]),
+    ({"response_format": json_schema_format(schema=None)}, "response_format.json_schema.schema", []),
+    ({"response_format": json_schema_format(strict="yes")}, "response_format.json_schema.strict", []),
+    ({"response_format": json_schema_format(description=5)}, "response_format.json_schema.description", []),
+    ({"json_schema": "{}"}, "json_schema", ["JSON schema"]),
+    ({"json_schema": [SCHEMA]}, "json_schema", []),
+    ({"grammar": 5}, "grammar", ["string"]),
+    ({"grammar": " "}, "grammar", ["GBNF"]),
+    ({"grammar": "r" * (MAX_GRAMMAR_CHARS + 1)}, "grammar", [str(MAX_GRAMMAR_CHARS)]),
+    ({"response_format": {"type": "json_object"}, "json_schema": SCHEMA}, "json_schema", ["only one"]),
+    ({"json_schema": SCHEMA, "grammar": "root ::= x"}, "grammar", ["'json_schema' and 'grammar'"]),
+])
+def test_bad_output(fields, param, words):
+    api_error(parse_chat, {"messages": [USER], **fields}, param=param, mentions=words)
+
+
+def test_schemas_go_through_schema_problem(monkeypatch):
+    seen = []
+
+    def problem(schema, param):
+        seen.append(param)
+        return f"{param} uses 'not', which the grammar cannot express" if "not" in schema else None
+
+    monkeypatch.setattr(chat_api, "schema_problem", problem)
+    bad = {"not": {"type": "string"}}
+    parse_chat({"messages": [USER], "response_format": json_schema_format()})
+    parse_chat({"messages": [USER], "json_schema": SCHEMA})
+    parse_chat({"messages": [USER], "tools": [tool("a", parameters=SCHEMA), tool("b")]})
+    assert seen == ["response_format.json_schema.schema", "json_schema", "tools[0].function.parameters",
+                    "tools[1].function.parameters"]
+    api_error(parse_chat, {"messages": [USER], "response_format": json_schema_format(schema=bad)},
+              param="response_format.json_schema.schema", mentions=["'not'"])
+    api_error(parse_chat, {"messages": [USER], "json_schema": bad}, param="json_schema")
+    api_error(parse_chat, {"messages": [USER], "tools": [tool("a"), tool("b", parameters=bad)]},
+              param="tools[1].function.parameters", mentions=["'not'"])
+
+
+# -- chat: tools -----------------------------------------------------------------------------
+def tool(name: str, **function):
+    return {"type": "function", "function": {"name": name, **function}}
+
+
+NO_PARAMETERS = {"type": "object", "properties": {}}
+
+
+def test_tool_counts_are_bounded():
+    api_error(parse_chat, {"messages": [USER], "tools": [tool("a")] * 129}, param="tools",
+              code="array_above_max_length", mentions=["128"])
+    api_error(parse_chat, {"messages": assistant(tool_calls=[CALL] * 129)}, param="messages[1].tool_calls",
+              code="array_above_max_length", mentions=["128"])
+
+
+def test_tools_reach_the_job():
+    job = parse_chat({"messages": [USER], "tools": [tool("weather", description="Weather now", parameters=SCHEMA,
+                                                         strict=True), tool("time")]}).job
+    assert job["tools"] == [{"name": "weather", "description": "Weather now", "parameters": SCHEMA},
+                            {"name": "time", "description": "", "parameters": NO_PARAMETERS}]
+    assert job["tool_choice"] == "auto" and job["parallel_tool_calls"] is True
+
+
+@pytest.mark.parametrize("choice, expected", [
+    ("auto", "auto"), ("required", "required"), (None, "auto"),
+    ({"type": "function", "function": {"name": "time"}}, {"name": "time"}),
+])
+def test_tool_choice(choice, expected):
+    job = parse_chat({"messages": [USER], "tools": [tool("weather"), tool("time")], "tool_choice": choice,
+                      "parallel_tool_calls": False}).job
+    assert job["tool_choice"] == expected and job["parallel_tool_calls"] is False
+
+
+def test_tool_choice_none_sends_no_tools():
+    job = parse_chat({"messages": [USER], "tools": [tool("weather")], "tool_choice": "none"}).job
+    assert not {"tools", "tool_choice", "parallel_tool_calls"} & set(job)
+    # ... so a constrained answer goes with it
+    job = parse_chat({"messages": [USER], "tools": [tool("weather")], "tool_choice": "none",
+                      "response_format": {"type": "json_object"}}).job
+    assert job["output"] == {"type": "json_object"} and "tools" not in job
+
+
+def test_no_tools():
+    for fields in ({}, {"tools": None}, {"tools": []}, {"parallel_tool_calls": True}):
+        job = parse_chat({"messages": [USER], **fields}).job
+        assert not {"tools", "tool_choice", "parallel_tool_calls"} & set(job)
+
+
+@pytest.mark.parametrize("fields, param, words", [
+    ({"tools": tool("a")}, "tools", ["list"]),
+    ({"tools": ["a"]}, "tools[0]", ["function"]),
+    ({"tools": [{"type": "custom", "custom": {"name": "a"}}]}, "tools[0]", ["only function tools"]),
+    ({"tools": [{"type": "function"}]}, "tools[0]", []),
+    ({"tools": [tool("has space")]}, "tools[0].function.name", ["64"]),
+    ({"tools": [tool("x" * 65)]}, "tools[0].function.name", []),
+    ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name", []),
+    ({"tools": [tool("a", description=5)]}, "tools[0].function.description", []),
+    ({"tools": [tool("a", strict="yes")]}, "tools[0].function.strict", []),
+    ({"tools": [tool("a", parameters=[])]}, "tools[0].function.parameters", ["JSON schema"]),
+    ({"tools": [tool("a"), tool("b"), tool("a")]}, "tools[2].function.name", ["'a'", "already"]),
+    ({"tool_choice": "auto"}, "tool_choice", ["needs 'tools'"]),
+    ({"tool_choice": "none", "tools": []}, "tool_choice", ["needs 'tools'"]),
+    ({"tools": [tool("a")], "tool_choice": "always"}, "tool_choice", ["required"]),
+    ({"tools": [tool("a")], "tool_choice": {"type": "function", "function": {"name": "b"}}}, "tool_choice",
+     ["'b'", "not one of the tools"]),
+    ({"tools": [tool("a")], "tool_choice": {"type": "function", "name": "a"}}, "tool_choice", []),
+    ({"tools": [tool("a")], "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice", []),
+    ({"tools": [tool("a")], "parallel_tool_calls": "yes"}, "parallel_tool_calls", []),
+    ({"tools": [tool("a")], "response_format": {"type": "json_object"}}, "tool_choice",
+     ["not supported together", "json_object"]),
+    ({"tools": [tool("a")], "tool_choice": "required", "grammar": "root ::= x"}, "tool_choice",
+     ["not supported together"]),
+    ({"tools": [tool("a")], "json_schema": SCHEMA}, "tool_choice", ["not supported together"]),
+])
+def test_bad_tools(fields, param, words):
+    api_error(parse_chat, {"messages": [USER], **fields}, param=param, mentions=words)
+
+
+def test_tools_count_against_the_context():
+    body = {"messages": [USER], "tools": [tool("a", description="d" * 800)]}
+    check_chat_context(parse_chat({"messages": [USER]}), 100, 8)
+    api_error(check_chat_context, parse_chat(body), 100, 8, param="messages", code="context_length_exceeded")
+    history = [USER, {"role": "assistant", "content": None,
+                      "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "x" * 800}}]}]
+    api_error(check_chat_context, parse_chat({"messages": history}), 100, 8, param="messages",
+              code="context_length_exceeded")
+
+
+# -- chat: logprobs, logit_bias, n, stream_options -------------------------------------------
+@pytest.mark.parametrize("fields, expected", [
+    ({}, {}), ({"logprobs": False}, {}), ({"logprobs": None, "top_logprobs": None}, {}),
+    ({"logprobs": True}, {"logprobs": True, "top_logprobs": 0}),
+    ({"logprobs": True, "top_logprobs": 0}, {"logprobs": True, "top_logprobs": 0}),
+    ({"logprobs": True, "top_logprobs": 20}, {"logprobs": True, "top_logprobs": 20}),
+])
+def test_logprobs(fields, expected):
+    job = parse_chat({"messages": [USER], **fields}).job
+    assert {k: job[k] for k in ("logprobs", "top_logprobs") if k in job} == expected
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"logprobs": "yes"}, "logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": False, "top_logprobs": 0}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 1.0},
+                                                              "top_logprobs"),
+])
+def test_bad_logprobs(fields, param):
+    api_error(parse_chat, {"messages": [USER], **fields}, param=param)
+
+
+def test_logit_bias():
+    bias = {"0": -100, "15": 2.5, str(v.INT32_MAX): 100}
+    assert parse_chat({"messages": [USER], "logit_bias": bias}).job["logit_bias"] == bias
+    assert "logit_bias" not in parse_chat({"messages": [USER], "logit_bias": {}}).job
+    many = {str(i): 1 for i in range(MAX_LOGIT_BIAS)}
+    assert parse_chat({"messages": [USER], "logit_bias": many}).job["logit_bias"] == many
+
+
+@pytest.mark.parametrize("bias, words", [
+    ([1, 2], ["object"]), ("x", []), ({"-1": 5}, ["token ids"]), ({"a": 5}, []), ({"07": 5}, []),
+    ({" 7": 5}, []), ({"1.5": 5}, []), ({str(v.INT32_MAX + 1): 5}, []), ({"1": 101}, ["-100 and 100"]),
+    ({"1": -100.5}, []), ({"1": "5"}, []), ({"1": True}, []), ({"1": None}, []),
+    ({str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}, [str(MAX_LOGIT_BIAS)]),
+])
+def test_bad_logit_bias(bias, words):
+    err = api_error(parse_chat, {"messages": [USER], "logit_bias": bias}, param="logit_bias", mentions=words)
+    assert len(err.message) < 200
+
+
+def test_n():
+    assert "n" not in parse_chat({"messages": [USER], "n": 1}).job
+    call = parse_chat({"messages": [USER], "n": 128, "tools": [tool("a")]})
+    assert call.job["n"] == 128 and call.n == 128
+
+
+def test_stream_options():
+    call = parse_chat({"messages": [USER], "stream": True,
+                       "stream_options": {"include_usage": True, "include_obfuscation": False}})
+    assert call.include_usage is True
+    api_error(parse_chat, {"messages": [USER], "stream_options": {"include_usage": True, "chunk_size": 2}},
+              param="stream_options", mentions=["chunk_size"])
+    api_error(parse_chat, {"messages": [USER], "stream_options": {"include_obfuscation": "no"}},
+              param="include_obfuscation")
+
+
+def test_everything_at_once():
+    body = {"model": "m", "messages": [USER], "n": 3, "logit_bias": {"5": -100}, "logprobs": True,
+            "top_logprobs": 2, "tools": [tool("a", parameters=SCHEMA)], "tool_choice": "required",
+            "parallel_tool_calls": False, "max_completion_tokens": 50, "seed": 1, "user": "u"}
+    assert parse_chat(body).job == {
+        "kind": "chat", "messages": [USER], "max_tokens": 50, "stop": [], "seed": 1, "n": 3,
+        "logit_bias": {"5": -100}, "logprobs": True, "top_logprobs": 2,
+        "tools": [{"name": "a", "description": "", "parameters": SCHEMA}], "tool_choice": "required",
+        "parallel_tool_calls": False}

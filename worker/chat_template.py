@@ -64,10 +64,12 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render_pieces(self, messages: list[dict]) -> list[Piece]:
-        """The rendered prompt as pieces of template markup and message contents, in order."""
+    def render_pieces(self, messages: list[dict], tools: list[dict] | None = None) -> list[Piece]:
+        """The rendered prompt as pieces of template markup and message contents, in order.
+        What the template writes from ``tools`` or a message's other fields (``tool_calls``) is
+        markup."""
         stand_ins = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
-        parts = _PLACEHOLDERS.split(self.render(stand_ins))
+        parts = _PLACEHOLDERS.split(self.render(stand_ins, tools))
         pieces = []
         for i, part in enumerate(parts):
             if i % 2:  # the index a placeholder held
@@ -89,10 +91,13 @@ class ChatTemplate:
                 pieces.append(Piece(part, markup=True))
         return pieces
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """``tools`` (OpenAI's shape) is passed to the template only when given: templates test
+        ``tools is defined``."""
+        extra = {} if tools is None else {"tools": tools}
         try:
             return self._template.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+                                         bos_token=self.bos_token, eos_token=self.eos_token, **extra)
         except TemplateError:
             raise
         except jinja2.TemplateError as exc:

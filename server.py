@@ -28,7 +28,7 @@ from werkzeug.wrappers import Request, Response
 from frontend import validation as v
 from frontend.access import AccessPolicy, exposure_warnings
 from frontend.broker import Broker, BrokerLimits, RemoteListener, Watchdog
-from frontend.chat_api import ChatResponder, check_chat_context, parse_chat
+from frontend.chat_api import ChatAnswer, ChatResponder, check_chat_context, parse_chat
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import check_input_context, embeddings_response, parse_embeddings
 from frontend.errors import APIError, as_api_error, bad_request, error_response
@@ -208,30 +208,48 @@ class EdgeLLM:
                                            model=None, limit=self.config.retrieve_limit,
                                            score_threshold=self.config.score_threshold)
             call.job["messages"] = merge_context(call.job["messages"], hits, model_config)
+        self.check_choices(call.n, model)
         gone = disconnect_check(request.environ)
-        responder = ChatResponder(model)
+        answer = ChatAnswer.for_call(ChatResponder(model), call)
         if call.stream:
             client, first = self.jobs.start(model, call.job, gone)
-            return Response(self._stream_chat(client, first, responder, call.include_usage, gone),
+            try:  # a first chunk the worker got wrong is still an error status, not a 200
+                opening = answer.add(first.body) if first.command == ewp.CHUNK else []
+            except BaseException:
+                client.close()
+                raise
+            return Response(self._stream_chat(client, first, answer, opening, call.include_usage, gone),
                             mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         chunks, done = self.jobs.collect(model, call.job, gone)
-        text = "".join(c["text"] for c in chunks)
-        return json_response(responder.completion(text, done["finish_reason"], done["usage"]))
+        for chunk in chunks:
+            answer.add(chunk)
+        return json_response(answer.completion(done))
 
-    def _stream_chat(self, client: JobClient, msg: ewp.Message, responder: ChatResponder, include_usage: bool,
-                     gone):
+    def check_choices(self, n: int, model: str) -> None:
+        """A request for n choices takes n slots of one worker."""
+        workers = self.broker.snapshot().get(model, {}).get("workers") or []
+        model_config = self.config.model(model)
+        slots = max((w["slots"] for w in workers), default=model_config.parallel if model_config else 1)
+        if n > slots:
+            raise bad_request(f"'n' is {n}; each choice takes a slot, and a worker of model '{model}' has "
+                              f"{slots} slots (its parallel setting): ask for fewer choices", "n")
+
+    def _stream_chat(self, client: JobClient, msg: ewp.Message, answer: ChatAnswer, opening: list[dict],
+                     include_usage: bool, gone):
         """Server-sent events; runs after the 200 is committed, so errors become an error event."""
         try:
-            if msg.command != ewp.CHUNK:  # finished before any text: still announce the role
-                yield sse(responder.chunk({"role": "assistant", "content": ""}, usage_field=include_usage))
+            for chunk in opening:
+                yield sse(chunk)
             while msg.command == ewp.CHUNK:
-                yield sse(responder.chunk({"role": "assistant", "content": msg.body["text"]},
-                                          usage_field=include_usage))
                 msg = self.jobs.next_message(client, gone=gone)
-            yield sse(responder.chunk({}, msg.body["finish_reason"], usage_field=include_usage))
+                if msg.command == ewp.CHUNK:
+                    for chunk in answer.add(msg.body):
+                        yield sse(chunk)
+            for chunk in answer.finish(msg.body):
+                yield sse(chunk)
             if include_usage:
-                yield sse(responder.usage_chunk(msg.body["usage"]))
+                yield sse(answer.responder.usage_chunk(msg.body["usage"]))
         except Exception as exc:  # after the 200: the error goes in the stream
             yield sse(as_api_error(exc).body())
         finally:

@@ -308,7 +308,7 @@ class Broker:
         if job is None or job.worker != worker.identity:
             if msg.command == ewp.CHUNK:
                 self._to_worker(worker.identity, ewp.CANCEL, msg.job_id)  # nobody is listening any more
-            worker.jobs.discard(msg.job_id)
+            worker.jobs.pop(msg.job_id, None)
             return
         problem = ewp.check_job_body(msg)
         if problem:
@@ -317,7 +317,7 @@ class Broker:
             if msg.command == ewp.CHUNK:
                 self._to_worker(worker.identity, ewp.CANCEL, job.job_id)
             else:
-                worker.jobs.discard(job.job_id)
+                worker.jobs.pop(job.job_id, None)
             self._fail(job, "worker_protocol_error",
                        f"the worker for model '{job.model}' sent a malformed reply ({problem}); please retry")
             return
@@ -325,7 +325,7 @@ class Broker:
             job.answered = True
             self._to_client(job.client, ewp.CHUNK, job.job_id, msg.body)
             return
-        worker.jobs.discard(job.job_id)
+        worker.jobs.pop(job.job_id, None)
         if msg.command == ewp.DONE:
             del self.jobs[job.job_id]
             self._to_client(job.client, ewp.DONE, job.job_id, msg.body)
@@ -436,7 +436,7 @@ class Broker:
         if not isinstance(model, str):
             log.error("dropped a JOB without a model from a request thread")
             return
-        job = Job(msg.job_id, client, model, msg.body, time.monotonic())
+        job = Job(msg.job_id, client, model, msg.body, time.monotonic(), slots=ewp.job_slots(msg.body))
         pool = self._pool(model)
         if pool.full():
             self._fail(job, "queue_full", f"model '{model}' has {len(pool.queue)} requests waiting already; "

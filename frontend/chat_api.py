@@ -19,11 +19,7 @@ from frontend import validation as v
 from frontend.errors import APIError, bad_request
 from worker import protocol as ewp
 
-try:
-    from worker.grammar import schema_problem
-except ImportError:  # worker/grammar.py (issue 9) not merged yet: only the JSON-object check below runs
-    def schema_problem(schema, param):
-        return None
+from worker.grammar import MAX_CLIENT_GRAMMAR_CHARS, grammar_problem, schema_problem, tool_parameters_problem
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 SYSTEM_FINGERPRINT = "fp_edgellm_1"
@@ -32,12 +28,9 @@ MAX_N = 128  # choices per request; the server also checks n against the worker'
 MAX_TOOLS = 128
 MAX_TOOL_CALLS = 128  # per assistant message in the history, and per choice in an answer
 MAX_LOGIT_BIAS = 1024
-MAX_TOP_LOGPROBS = 20
-MAX_GRAMMAR_CHARS = 64 * 1024
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # tool and json_schema names, as OpenAI allows them
 TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")  # a logit_bias key: a decimal token id, no sign or leading zeros
 TEXT_ONLY_PARTS = {"image_url", "input_audio", "file"}
-FINISH_REASONS = {"stop", "length", "tool_calls"}
 
 HONOURED, IGNORED, REFUSED = "honoured", "accepted, ignored", "refused (400)"
 
@@ -62,7 +55,7 @@ FIELDS: dict[str, Field] = {
     "logit_bias": Field(HONOURED, f"≤ {MAX_LOGIT_BIAS} token ids → −100–100 (−100 bans); an id outside "
                         "the vocabulary is a 400"),
     "logprobs": Field(HONOURED, "per-token log-probabilities, before temperature and penalties"),
-    "top_logprobs": Field(HONOURED, f"0–{MAX_TOP_LOGPROBS}; needs `logprobs: true`"),
+    "top_logprobs": Field(HONOURED, f"0–{ewp.MAX_TOP_LOGPROBS}; needs `logprobs: true`"),
     "max_completion_tokens": Field(HONOURED, "1 – context − 1; wins over `max_tokens`; default: until the "
                                    "context is full"),
     "max_tokens": Field(HONOURED, "as `max_completion_tokens`"),
@@ -71,7 +64,8 @@ FIELDS: dict[str, Field] = {
     "parallel_tool_calls": Field(HONOURED, "default true"),
     "response_format": Field(HONOURED, "`text` (default), `json_object`, `json_schema` (enforced while "
                              "sampling)"),
-    "seed": Field(HONOURED, "same seed, same request → same text, alone or beside other requests"),
+    "seed": Field(HONOURED, "same seed and request on the same machine and load → same text (see "
+                  "Determinism); choice i of `n` draws with seed + i"),
     "stop": Field(HONOURED, f"string or list (≤ {MAX_STOP_STRINGS}); the stop text is not returned, even "
                   "when split across tokens"),
     "stream": Field(HONOURED, "server-sent events"),
@@ -80,7 +74,7 @@ FIELDS: dict[str, Field] = {
     "top_p": Field(HONOURED, "0–1, default 1"),
     "tools": Field(HONOURED, f"≤ {MAX_TOOLS} `function` tools; `parameters` a JSON schema"),
     "tool_choice": Field(HONOURED, "`none`, `auto` (default with tools), `required`, or a named function; "
-                         "tools beside a constrained answer (`response_format`, `json_schema`, `grammar`) are a "
+                         "with `auto` and a JSON `response_format` the answer is a call or that JSON; tools beside a `grammar` are a "
                          "400 unless `none`"),
     "metadata": Field(IGNORED, "nothing is stored", type=dict),
     "store": Field(IGNORED, "nothing is stored", type=bool),
@@ -101,7 +95,7 @@ FIELDS: dict[str, Field] = {
     "top_k": Field(HONOURED, "llama.cpp extension; default 40"),
     "min_p": Field(HONOURED, "llama.cpp extension; 0–1, default 0.05"),
     "repeat_penalty": Field(HONOURED, "llama.cpp extension; above 0 – 10, default 1 (off)"),
-    "grammar": Field(HONOURED, f"llama.cpp extension: a GBNF grammar (≤ {MAX_GRAMMAR_CHARS // 1024} KiB) the "
+    "grammar": Field(HONOURED, f"llama.cpp extension: a GBNF grammar (≤ {MAX_CLIENT_GRAMMAR_CHARS // 1024} KiB) the "
                      "answer follows"),
     "json_schema": Field(HONOURED, "llama.cpp extension: as `response_format` `json_schema`, the schema alone"),
     "rag": Field(HONOURED, "edgellm: `false` turns retrieval off for a model with a RAG collection; "
@@ -280,11 +274,11 @@ def parse_stop(body: dict) -> list[str]:
 
 
 # -- structured output and tools ---------------------------------------------------------------
-def _schema(value, param: str) -> dict:
+def _schema(value, param: str, check=schema_problem) -> dict:
     """A JSON schema the grammar converter can express (worker/grammar.py says what it cannot)."""
     if not isinstance(value, dict):
         raise bad_request(f"'{param}' must be a JSON schema (an object), not {type(value).__name__}", param)
-    problem = schema_problem(value, param)
+    problem = check(value, param)
     if problem:
         raise bad_request(problem, param)
     return value
@@ -328,9 +322,9 @@ def parse_output(body: dict) -> dict | None:
         given.append(("json_schema", {"type": "json_schema", "schema": schema}))
     grammar = v.string(body, "grammar")
     if grammar is not None:
-        if not grammar.strip() or len(grammar) > MAX_GRAMMAR_CHARS:
-            raise bad_request(f"'grammar' must be a GBNF grammar of 1 to {MAX_GRAMMAR_CHARS} characters",
-                              "grammar")
+        problem = grammar_problem(grammar, "grammar")
+        if problem:
+            raise bad_request(problem, "grammar")
         given.append(("grammar", {"type": "grammar", "grammar": grammar}))
     if len(given) > 1:
         names = " and ".join(f"'{name}'" for name, _ in given)
@@ -358,7 +352,7 @@ def _tool(value, i: int) -> dict:
     if parameters is None:
         parameters = {"type": "object", "properties": {}}
     return {"name": fn["name"], "description": description,
-            "parameters": _schema(parameters, f"{param}.parameters")}
+            "parameters": _schema(parameters, f"{param}.parameters", tool_parameters_problem)}
 
 
 def parse_tools(body: dict) -> dict:
@@ -418,7 +412,7 @@ def parse_logit_bias(body: dict) -> dict | None:
 
 def parse_logprobs(body: dict) -> dict:
     logprobs = v.boolean(body, "logprobs")
-    top = v.integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    top = v.integer(body, "top_logprobs", 0, ewp.MAX_TOP_LOGPROBS)
     if top is not None and not logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return {"logprobs": True, "top_logprobs": top or 0} if logprobs else {}
@@ -475,10 +469,9 @@ def parse_chat(body: dict, limits: v.RequestLimits, endpoint: str = "chat") -> C
     }
     if job["repeat_penalty"] == 0:
         raise bad_request("'repeat_penalty' must be above 0 (1 disables it)", "repeat_penalty")
-    if job["output"] and job.get("tools"):
-        raise bad_request(f"tools (tool_choice {json.dumps(job['tool_choice'])}) and a constrained answer "
-                          f"({job['output']['type']}) are not supported together: send one or the other, or "
-                          "tool_choice 'none'", "tool_choice")
+    if job["output"] and job["output"]["type"] == "grammar" and job.get("tools"):
+        raise bad_request(f"tools (tool_choice {json.dumps(job['tool_choice'])}) and a GBNF 'grammar' are not "
+                          "supported together: send one or the other, or tool_choice 'none'", "tool_choice")
     stream = v.boolean(body, "stream")
     include_usage = parse_stream_options(body)
     rag = v.boolean(body, "rag", default=True)
@@ -526,11 +519,6 @@ class ChatResponder:
     def completion_body(self, choices: list[dict], usage: dict) -> dict:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, "usage": usage}
-
-    def completion(self, text: str, finish_reason: str, usage: dict) -> dict:
-        """One choice of plain text (the server's path until it uses ChatAnswer)."""
-        return self.completion_body([{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": finish_reason}], usage)
 
     def chunk(self, delta: dict, finish_reason: str | None = None, usage_field: bool = False, *, index: int = 0,
               logprobs: dict | None = None) -> dict:
@@ -643,7 +631,7 @@ class ChatAnswer:
         out = [self._sse(index, delta, logprobs=logprobs)] if delta or logprobs else []
         if body.get("finish_reason") is not None:
             reason = body["finish_reason"]
-            if reason not in FINISH_REASONS or (reason == "tool_calls" and not choice.calls):
+            if reason not in ewp.CHOICE_FINISH_REASONS or (reason == "tool_calls" and not choice.calls):
                 raise _protocol_error(f"finish_reason {str(reason)[:24]!r} for a choice with "
                                       f"{len(choice.calls)} tool calls")
             choice.finish_reason = reason

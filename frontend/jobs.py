@@ -76,7 +76,8 @@ class JobClient:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(clients_addr)
         self.job_id: str | None = None
-        self.chunk_fields: frozenset[str] = frozenset()  # what each CHUNK of the job must carry
+        # the fields each CHUNK of the job must carry, and those it may carry
+        self.chunk_fields: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         self.finished = False
         self.checked_at = 0.0  # when the request last checked that its HTTP client is still there
 
@@ -163,9 +164,11 @@ class JobRunner:
                            f"the worker did not answer within {timeout:g}s; the request was cancelled")
         if msg.command == ewp.ERROR:
             raise APIError.from_error_body(msg.body)
-        if msg.command == ewp.CHUNK and not client.chunk_fields <= msg.body.keys():
-            missing = ", ".join(sorted(client.chunk_fields - msg.body.keys()))
-            raise APIError("worker_protocol_error", f"the worker's answer lacks {missing}; please retry")
+        required, allowed = client.chunk_fields
+        if msg.command == ewp.CHUNK and not required <= msg.body.keys() <= allowed:
+            wrong = ", ".join(sorted((required - msg.body.keys()) | (msg.body.keys() - allowed)))
+            raise APIError("worker_protocol_error",
+                           f"the worker's answer lacks or should not hold {wrong} for this job; please retry")
         return msg
 
     def collect(self, model: str, job: dict, gone: Callable[[], bool] | None = None

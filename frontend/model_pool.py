@@ -21,11 +21,11 @@ class WorkerRecord:
     slots: int
     info: dict  # its READY body
     expiry: float = 0.0  # monotonic time after which a silent worker is dead
-    jobs: set = field(default_factory=set)  # ids of the jobs sent to it and not yet ended
+    jobs: dict = field(default_factory=dict)  # id -> slots taken, of the jobs sent to it and not yet ended
     held_until: float = 0.0  # it answered worker_busy: no new job before this monotonic time
 
     def free(self) -> int:
-        return self.slots - len(self.jobs)
+        return self.slots - sum(self.jobs.values())
 
 
 @dataclass(eq=False)
@@ -38,6 +38,7 @@ class Job:
     worker: WorkerKey | None = None
     answered: bool = False  # something reached the client: the job can no longer move to another worker
     attempts: int = 0  # workers it was sent to
+    slots: int = 1  # slots it takes on a worker (ewp.job_slots: a chat's choices)
 
 
 class ModelPool:
@@ -71,19 +72,20 @@ class ModelPool:
             self.queue.remove(job)
 
     def dispatch(self, now: float) -> list[tuple[WorkerRecord, Job]]:
-        """Assign waiting jobs, oldest first, each to the worker with the most free slots, while any has one
-        (a worker held back after a worker_busy answer is skipped). Returns the assignments; the caller
-        sends the jobs."""
+        """Assign waiting jobs, oldest first, each to the worker with the most free slots, while it has
+        enough for the job (a worker held back after a worker_busy answer is skipped; a job of several
+        choices waits at the head until one worker has a slot for each, so it is not overtaken for
+        ever). Returns the assignments; the caller sends the jobs."""
         sent = []
         ready = [w for w in self.workers.values() if w.held_until <= now]
         while self.queue:
             worker = max(ready, key=WorkerRecord.free, default=None)
-            if worker is None or worker.free() <= 0:
+            if worker is None or worker.free() < self.queue[0].slots:
                 break
             job = self.queue.popleft()
             job.worker = worker.identity
             job.attempts += 1
-            worker.jobs.add(job.job_id)
+            worker.jobs[job.job_id] = job.slots
             sent.append((worker, job))
         return sent
 

@@ -27,6 +27,23 @@ p50/p95, total tok/s (all tokens / wall time of the level), per-stream tok/s (me
 requests of (tokens - 1) / (last chunk - first chunk)), errors, and the peak RSS (VmHWM)
 of the front end and of each worker process.
 
+``--scenario structured`` (issue 9, point 7) measures instead, on edgellm with 4 slots, how
+grammar-constrained sampling changes decoding, and what ``n`` gives:
+
+    .venv/bin/python scripts/bench.py --scenario structured --threads 2 --tokens 128 \\
+        --rounds 3 --per-round 3 --out BENCHMARKS.md
+
+In each of ``--rounds`` rounds, for each mode (plain; ``response_format`` json_schema;
+``tools`` with ``tool_choice: "required"``, ``parallel_tool_calls: false``), with the same
+prompts, a ``max_tokens: 1`` request times the prompt's prefill, then ``--per-round`` streaming
+requests go one after the other; then ``n: 4`` in one request against 4 concurrent requests of
+n=1. Per mode: tokens per request (usage; a finished schema stops early), decode tok/s per
+stream ((tokens - 1) / (last visible chunk - first), tool-call deltas counting as chunks),
+tok/s without the prefill, total tok/s, each as a ratio to plain, and whether the answers
+validate against their schemas; medians over all rounds. With ``--llama-server`` the same modes
+run on llama-server (``--jinja``) too. It writes (or replaces) its own section of ``--out`` and
+keeps the others; the default scenario keeps that section in turn.
+
 Every load loop is bounded (requests per client, a per-request and a per-level time
 limit); everything talks to 127.0.0.1 only; every server runs in its own process group
 and is killed in a ``finally`` even when the benchmark fails or is interrupted.
@@ -818,6 +835,598 @@ ORDER = {IN_PROCESS: 0, "edgellm": 1, "llama-server": 2, "llama-cpp-python serve
 
 
 # ---------------------------------------------------------------------------------------
+# scenario "structured": json_schema, tools and n (issue 9, point 7)
+# ---------------------------------------------------------------------------------------
+STRUCTURED_HEADING = "## Structured output, tool calls and n (`--scenario structured`)"
+
+CHARACTER_SCHEMA = {  # bounded where edgellm's converter can bound (it refuses minimum/maximum: 400)
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "mood": {"enum": ["happy", "sad", "calm", "angry", "curious"]},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 3},
+    },
+    "required": ["name", "mood", "age", "tags"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "save_character", "description": "Save a story character",
+        "parameters": {"type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "mood": {"enum": ["happy", "sad", "calm", "angry", "curious"]},
+            "age": {"type": "integer"}},
+            "required": ["name", "mood", "age"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "search_topic", "description": "Look a topic up before writing about it",
+        "parameters": {"type": "object", "properties": {
+            "query": {"type": "string", "maxLength": 40},
+            "limit": {"type": "integer"},
+            "sources": {"type": "array", "items": {"enum": ["books", "web", "news"]}, "maxItems": 2}},
+            "required": ["query"], "additionalProperties": False}}},
+]
+TOOL_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+# the three compared modes: the same prompts, only these fields differ
+MODES = {
+    "plain": {},
+    "json_schema": {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "character", "schema": CHARACTER_SCHEMA}}},
+    "tools": {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
+}
+
+
+def character_prompt(i: int, salt: int) -> list[dict]:
+    """The i-th prompt of modes plain/json_schema/tools; salt (round and purpose) keeps every
+    request's prompt new to the server's cache."""
+    return [{"role": "user", "content": f"Request {salt}-{i}: invent a character for a story about "
+                                        f"{TOPICS[i % len(TOPICS)]}. Give a name, a mood, an age and a few "
+                                        "tags, then describe them."}]
+
+
+@dataclass
+class Stream:
+    """One choice of one streamed request: its visible chunks (content or tool-call deltas)."""
+    chunks: int = 0
+    first: float | None = None
+    last: float | None = None
+    text: str = ""  # content, or the tool call's arguments
+    tool_name: str | None = None
+    finish_reason: str | None = None
+    tokens: float = 0.0  # its share of usage.completion_tokens (chunks where the server streams no usage)
+
+    @property
+    def rate(self) -> float | None:
+        if self.first is None or self.last is None or self.tokens < 2 or self.last <= self.first:
+            return None
+        return (self.tokens - 1) / (self.last - self.first)
+
+
+@dataclass
+class Reply:
+    start: float = 0.0
+    end: float = 0.0
+    streams: dict[int, Stream] = field(default_factory=dict)
+    usage_tokens: int | None = None
+    error: str | None = None
+
+    @property
+    def tokens(self) -> float:
+        return self.usage_tokens if self.usage_tokens is not None else sum(s.chunks for s in self.streams.values())
+
+    @property
+    def ttft(self) -> float | None:
+        firsts = [s.first for s in self.streams.values() if s.first is not None]
+        return min(firsts) - self.start if firsts else None
+
+
+def stream_choices(port: int, body: dict, timeout: float) -> Reply:
+    """POST a streaming chat request and read it to [DONE], per choice index; tool-call deltas
+    count as visible chunks like content does. An HTTP error keeps the status and the body."""
+    r = Reply(start=time.monotonic())
+    deadline = r.start + timeout
+    conn = http.client.HTTPConnection(HOST, port, timeout=min(timeout, 60))
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            r.error = f"HTTP {resp.status}: {resp.read(600).decode(errors='replace')}"
+            return r
+        while True:
+            if time.monotonic() > deadline:
+                r.error = f"request time limit ({timeout:.0f}s) reached"
+                break
+            line = resp.readline()
+            if not line:
+                r.error = "stream ended without [DONE]"
+                break
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                break
+            now = time.monotonic()
+            try:
+                event = json.loads(payload)
+            except ValueError:
+                r.error = f"bad SSE payload: {payload[:200]!r}"
+                break
+            if "error" in event:
+                r.error = f"error event: {json.dumps(event['error'])[:400]}"
+                break
+            for choice in event.get("choices") or []:
+                s = r.streams.setdefault(int(choice.get("index") or 0), Stream())
+                delta = choice.get("delta") or {}
+                visible = False
+                if delta.get("content"):
+                    s.text += delta["content"]
+                    visible = True
+                for call in delta.get("tool_calls") or []:
+                    fn = call.get("function") or {}
+                    if fn.get("name"):
+                        s.tool_name = (s.tool_name or "") + fn["name"]
+                        visible = True
+                    if fn.get("arguments"):
+                        s.text += fn["arguments"]
+                        visible = True
+                if visible:
+                    s.chunks += 1
+                    s.first = s.first or now
+                    s.last = now
+                if choice.get("finish_reason"):
+                    s.finish_reason = choice["finish_reason"]
+            usage = event.get("usage")
+            if usage and usage.get("completion_tokens") is not None:
+                r.usage_tokens = int(usage["completion_tokens"])
+    except (OSError, http.client.HTTPException) as exc:
+        r.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+        r.end = time.monotonic()
+    chunks = sum(s.chunks for s in r.streams.values())
+    for s in r.streams.values():  # n choices share one usage: split it by visible chunks
+        s.tokens = (r.usage_tokens * s.chunks / chunks if chunks else 0.0) if r.usage_tokens is not None \
+            else float(s.chunks)
+    return r
+
+
+def schema_problem(value, schema: dict, path: str = "") -> str | None:
+    """Why value does not validate against the small schemas above (None: it does)."""
+    if "enum" in schema:
+        return None if value in schema["enum"] else f"{path or '/'}: {value!r} not in the enum"
+    t = schema.get("type")
+    if t == "object":
+        if not isinstance(value, dict):
+            return f"{path or '/'}: not an object"
+        missing = [k for k in schema.get("required", []) if k not in value]
+        if missing:
+            return f"{path or '/'}: missing {missing}"
+        props = schema.get("properties", {})
+        if schema.get("additionalProperties") is False and set(value) - set(props):
+            return f"{path or '/'}: extra keys {sorted(set(value) - set(props))}"
+        for k, v in value.items():
+            if k in props and (p := schema_problem(v, props[k], f"{path}/{k}")):
+                return p
+    elif t == "string":
+        if not isinstance(value, str):
+            return f"{path}: not a string"
+        if len(value) > schema.get("maxLength", len(value)):
+            return f"{path}: longer than maxLength"
+    elif t == "integer":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{path}: not an integer"
+    elif t == "array":
+        if not isinstance(value, list):
+            return f"{path}: not an array"
+        if len(value) > schema.get("maxItems", len(value)):
+            return f"{path}: more than maxItems"
+        for j, item in enumerate(value):
+            if p := schema_problem(item, schema.get("items", {}), f"{path}/{j}"):
+                return p
+    return None
+
+
+def check_answer(mode: str, s: Stream) -> str | None:
+    """None when a json_schema answer / tool call parses and validates, else why not."""
+    if mode == "json_schema":
+        schema = CHARACTER_SCHEMA
+    elif mode == "tools":
+        if s.tool_name not in TOOL_SCHEMAS:
+            return f"no call of a known tool (name {s.tool_name!r}, text {s.text[:80]!r})"
+        schema = TOOL_SCHEMAS[s.tool_name]
+    else:
+        return None
+    try:
+        value = json.loads(s.text)
+    except ValueError:
+        return f"not JSON (finish_reason {s.finish_reason}): {s.text[:80]!r}"
+    return schema_problem(value, schema)
+
+
+@dataclass
+class Batch:
+    """The requests of one mode in one round, and the request(s) timing its prefill."""
+    server: str
+    mode: str
+    round: int
+    replies: list[Reply] = field(default_factory=list)
+    bodies: list[dict] = field(default_factory=list)
+    wall: float = 0.0
+    foreign_cpu: float | None = None
+    prefill: float | None = None  # duration of a max_tokens=1 request with a prompt of the same shape
+
+    @property
+    def ok(self) -> list[Reply]:
+        return [r for r in self.replies if r.error is None]
+
+    @property
+    def total_rate(self) -> float | None:
+        return sum(r.tokens for r in self.ok) / self.wall if self.wall > 0 and self.ok else None
+
+
+def run_batch(args, port: int, batch: Batch, bodies: list[dict], concurrency: int, pids: list[int]) -> Batch:
+    """Send bodies from `concurrency` client threads (all at once, each thread its share in turn)."""
+    lock = threading.Lock()
+    barrier = threading.Barrier(concurrency + 1)
+    batch.bodies = bodies
+    deadline = [0.0]
+
+    def client(c: int) -> None:
+        barrier.wait()
+        for body in bodies[c::concurrency]:
+            left = deadline[0] - time.monotonic()
+            if left <= 0:
+                return
+            res = stream_choices(port, body, min(args.request_timeout, left + 5))
+            with lock:
+                batch.replies.append(res)
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(concurrency)]
+    for t in threads:
+        t.start()
+    before = cpu_jiffies(pids)
+    start = time.monotonic()
+    deadline[0] = start + args.level_timeout
+    barrier.wait()
+    for t in threads:
+        t.join(max(0.1, deadline[0] + args.request_timeout + 10 - time.monotonic()))
+    batch.wall = (max((r.end for r in batch.replies), default=time.monotonic())) - start
+    batch.foreign_cpu = foreign_share(before, cpu_jiffies(pids))
+    return batch
+
+
+def structured_body(args, mode: str, i: int, salt: int, max_tokens: int | None = None) -> dict:
+    body = {"model": "bench", "messages": character_prompt(i, salt), "temperature": 0,
+            "max_tokens": max_tokens or args.tokens, "stream": True, "stream_options": {"include_usage": True}}
+    body.update(json.loads(json.dumps(MODES[mode])))
+    return body
+
+
+def story_body(args, salt: int, n: int) -> dict:
+    body = {"model": "bench", "messages": prompt_for(0, salt), "temperature": 0, "max_tokens": args.tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if n != 1:
+        body["n"] = n
+    return body
+
+
+def run_structured_server(args, name: str, start, pids_out: list, batches: list[Batch], deadline: float,
+                          with_n: bool) -> None:
+    """Start one server with 4 slots, then for each round: every mode (one max_tokens=1 request to
+    time its prefill, then --per-round requests one after the other), and n=4 against 4 concurrent
+    requests of n=1. The order rotates from round to round. The server is killed at the end."""
+    srv = None
+    try:
+        log(f"[{name}] starting with 4 slots")
+        srv, pids = start(args, 4)
+        pids_out.extend(pids)
+        warmup(srv.port, "bench", {})
+        for rnd in range(args.rounds):
+            if time.monotonic() > deadline:
+                log(f"[{name}] time budget (--budget) spent: no more rounds")
+                break
+            wait_for_quiet(args, pids)
+            modes = list(MODES)
+            modes = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
+            for mode in modes:
+                if srv.proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({srv.proc.returncode}); see {srv.log_path}")
+                salt = 1000 * (rnd + 1)
+                probe = stream_choices(srv.port, structured_body(args, mode, 99, salt + 500, max_tokens=1),
+                                       args.request_timeout)
+                b = Batch(name, mode, rnd, prefill=None if probe.error else probe.end - probe.start)
+                if probe.error:
+                    log(f"    [{mode}] prefill probe failed: {probe.error}")
+                bodies = [structured_body(args, mode, i, salt) for i in range(args.per_round)]
+                batches.append(run_batch(args, srv.port, b, bodies, 1, pids))
+                log(f"    round {rnd + 1} {structured_line(b)}")
+            if not with_n:
+                continue
+            for how in (("n4", "4x1") if rnd % 2 == 0 else ("4x1", "n4")):
+                salt = 1000 * (rnd + 1) + 700
+                bodies = [story_body(args, salt, 4)] if how == "n4" else [story_body(args, salt, 1)] * 4
+                b = run_batch(args, srv.port, Batch(name, how, rnd), bodies, len(bodies), pids)
+                batches.append(b)
+                log(f"    round {rnd + 1} {structured_line(b)}")
+    finally:
+        if srv is not None:
+            srv.stop()
+
+
+def structured_line(b: Batch) -> str:
+    streams = [s for r in b.ok for s in r.streams.values()]
+    rates = [s.rate for s in streams if s.rate is not None]
+    err = next((r.error for r in b.replies if r.error), None)
+    return (f"{b.mode}: ok {len(b.ok)}/{len(b.replies)}  tokens {sum(r.tokens for r in b.ok):.0f}  "
+            f"wall {b.wall:.1f}s  total {fmt(b.total_rate)} tok/s  stream {fmt(median(rates))} tok/s  "
+            f"prefill {fmt_ms(b.prefill)}  other CPU {fmt(b.foreign_cpu, 0)}%"
+            + (f"  error: {err}" if err else ""))
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+@dataclass
+class ModeStats:
+    server: str
+    mode: str
+    sent: int = 0
+    ok: int = 0
+    tokens: list[float] = field(default_factory=list)  # per stream
+    rates: list[float] = field(default_factory=list)  # per stream, (tokens - 1) / (last - first)
+    gen_rates: list[float] = field(default_factory=list)  # per request, (tokens - 1) / (duration - prefill)
+    totals: list[float] = field(default_factory=list)  # per round
+    ttfts: list[float] = field(default_factory=list)
+    prefills: list[float] = field(default_factory=list)
+    finish: dict[str, int] = field(default_factory=dict)
+    valid: int = 0
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    other_cpu: list[float] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+
+
+def mode_stats(batches: list[Batch], server: str, mode: str) -> ModeStats | None:
+    mine = [b for b in batches if b.server == server and b.mode == mode]
+    if not mine:
+        return None
+    st = ModeStats(server, mode)
+    for b in mine:
+        st.sent += len(b.replies)
+        st.ok += len(b.ok)
+        st.walls.append(b.wall)
+        if b.total_rate is not None:
+            st.totals.append(b.total_rate)
+        if b.prefill is not None:
+            st.prefills.append(b.prefill)
+        if b.foreign_cpu is not None:
+            st.other_cpu.append(b.foreign_cpu)
+        for r, body in zip(sorted(b.replies, key=lambda r: r.start), b.bodies):
+            if r.error:
+                st.errors.append(f"{r.error} (request: {json.dumps(body)[:300]}...)")
+                continue
+            if r.ttft is not None:
+                st.ttfts.append(r.ttft)
+            if b.prefill is not None and len(r.streams) == 1 and r.tokens >= 2 and r.end - r.start > b.prefill:
+                st.gen_rates.append((r.tokens - 1) / (r.end - r.start - b.prefill))
+            for s in r.streams.values():
+                st.tokens.append(s.tokens)
+                if s.rate is not None:
+                    st.rates.append(s.rate)
+                st.finish[s.finish_reason or "none"] = st.finish.get(s.finish_reason or "none", 0) + 1
+                if mode in ("json_schema", "tools"):
+                    st.checked += 1
+                    problem = check_answer(mode, s)
+                    if problem is None:
+                        st.valid += 1
+                    else:
+                        st.problems.append(problem)
+    return st
+
+
+def render_structured(args, batches: list[Batch], notes: list[str], started: str, elapsed: float, mach: dict,
+                      vers: dict) -> str:
+    cmdline = " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/bench.py", *sys.argv[1:]])
+    servers = [s for s in ("edgellm", "llama-server") if any(b.server == s for b in batches)]
+    L = [STRUCTURED_HEADING, ""]
+    L.append("Issue 9, point 7: does grammar-constrained sampling (a `json_schema` response format, "
+             "`tool_choice: \"required\"`) keep decoding fast, and what does `n: 4` give against four "
+             "requests? Generated by `scripts/bench.py --scenario structured` (the section is replaced on "
+             "every such run; the other sections are kept).\n")
+    L.append(f"- Date: {started} (run took {elapsed / 60:.1f} min)")
+    L.append(f"- Machine: {mach['cpu']}, {mach['cores']} logical cores ({mach['affinity']} usable), "
+             f"{mach['mem_gib']:.1f} GiB RAM, Linux {mach['kernel']}; load average before the run "
+             f"{mach['load'][0]:.2f} / {mach['load'][1]:.2f} / {mach['load'][2]:.2f} (1 / 5 / 15 min), "
+             f"after it {os.getloadavg()[0]:.2f}")
+    L.append(f"- Command: `{cmdline}`")
+    L.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
+    L.append(f"- Model: `{os.path.relpath(args.model, REPO) if args.model.startswith(str(REPO)) else args.model}`"
+             f", {args.threads} thread(s); every server started once with 4 slots (`--parallel 4` / `-np 4`).")
+    L.append(f"- Load: {args.rounds} round(s); in each, for each mode (plain, json_schema, tools; the order "
+             f"rotates per round), {args.per_round} streaming request(s) one after the other (concurrency 1) "
+             "with the same prompts in every mode (\"Request S-I: invent a character for a story about "
+             f"... Give a name, a mood, an age and a few tags, then describe them.\"), `max_tokens` {args.tokens}, "
+             "`temperature` 0, `stream_options.include_usage`. json_schema: `response_format` "
+             "`{\"type\": \"json_schema\", ...}` with a schema of a string (maxLength 24), an enum of 5, an "
+             "integer (unbounded: edgellm refuses `minimum`/`maximum` with a 400) and an array of at most 3 "
+             "strings (maxLength 16), all required, no other keys. tools: two function tools "
+             "(`save_character`: string, enum, integer; `search_topic`: string, integer, array of enum), "
+             "`tool_choice: \"required\"`, `parallel_tool_calls: false`. Then `n: 4` in one request against "
+             f"4 concurrent requests of n=1 (a story prompt, `max_tokens` {args.tokens}); order alternating "
+             "per round.")
+    L.append("- Figures: tokens = `usage.completion_tokens` (grammar-constrained answers stop when the JSON is "
+             "complete, so they are shorter than plain ones: rates are per token actually generated). "
+             "**decode tok/s** (the main figure) = median over all streams of (tokens − 1) / (last visible "
+             "chunk − first visible chunk), a visible chunk being content or a tool-call delta; "
+             "**gen tok/s** = median over requests of (tokens − 1) / (request duration − prefill), prefill "
+             "being the duration of a `max_tokens: 1` request with a prompt of the same mode and shape in "
+             "the same round; it counts tokens the server decodes but does not stream at once (a tool call's "
+             "`<tool_call>{\"name\": ...` opening and closing), which the decode figure leaves out of its "
+             "time span but not out of its token count; **total tok/s** = median over rounds of a batch's "
+             "tokens / its wall time (prefill included); TTFT = first visible chunk; valid = the answer (or "
+             "the call's arguments) parses and validates against its schema (checked by the benchmark); "
+             "other CPU = the share of the machine other processes used (median over batches).")
+    L.append("")
+    L.append("| server | mode | ok/sent | tokens/req (median, min–max) | finish reasons | valid | TTFT p50 | "
+             "prefill | decode tok/s | × plain | gen tok/s | × plain | total tok/s | × plain | other CPU |")
+    L.append("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    stats: dict[tuple[str, str], ModeStats] = {}
+    for server in servers:
+        for mode in MODES:
+            st = mode_stats(batches, server, mode)
+            if st is None:
+                continue
+            stats[(server, mode)] = st
+            plain = stats.get((server, "plain"))
+
+            def x(values, base):
+                a, b = median(values), base and median(base)
+                return "-" if a is None or not b else f"{a / b:.2f}"
+            toks = (f"{median(st.tokens):.0f} ({min(st.tokens):.0f}–{max(st.tokens):.0f})" if st.tokens else "-")
+            L.append(f"| {server} | {mode} | {st.ok}/{st.sent} | {toks} | "
+                     f"{', '.join(f'{k} {v}' for k, v in sorted(st.finish.items())) or '-'} | "
+                     f"{f'{st.valid}/{st.checked}' if st.checked else '-'} | {fmt_ms(median(st.ttfts))} | "
+                     f"{fmt_ms(median(st.prefills))} | {fmt(median(st.rates))} | "
+                     f"{x(st.rates, plain and plain.rates) if mode != 'plain' else '1'} | "
+                     f"{fmt(median(st.gen_rates))} | "
+                     f"{x(st.gen_rates, plain and plain.gen_rates) if mode != 'plain' else '1'} | "
+                     f"{fmt(median(st.totals))} | "
+                     f"{x(st.totals, plain and plain.totals) if mode != 'plain' else '1'} | "
+                     f"{fmt(median(st.other_cpu), 0)}% |")
+    L.append("")
+    n4, sep = mode_stats(batches, "edgellm", "n4"), mode_stats(batches, "edgellm", "4x1")
+    if n4 or sep:
+        L.append("| edgellm, 4 slots | ok/sent | tokens (all choices, median) | wall (median) | TTFT p50 | "
+                 "decode tok/s per stream | total tok/s | other CPU |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for label, st in (("`n: 4`, one request", n4), ("4 concurrent requests, n=1", sep)):
+            if st is None:
+                continue
+            per_round = [b for b in batches if b.server == "edgellm" and b.mode == st.mode]
+            tokens = median(sum(r.tokens for r in b.ok) for b in per_round)
+            L.append(f"| {label} | {st.ok}/{st.sent} | {fmt(tokens, 0)} | {fmt_ms(median(st.walls))} | "
+                     f"{fmt_ms(median(st.ttfts))} | {fmt(median(st.rates))} | {fmt(median(st.totals))} | "
+                     f"{fmt(median(st.other_cpu), 0)}% |")
+        L.append("")
+    L.append("| ratio (edgellm) | value | target | verdict |")
+    L.append("|---|---:|---:|---|")
+    for mode in ("json_schema", "tools"):
+        st, plain = stats.get(("edgellm", mode)), stats.get(("edgellm", "plain"))
+        for what, attr in (("decode tok/s", "rates"), ("gen tok/s", "gen_rates")):
+            a = st and median(getattr(st, attr))
+            b = plain and median(getattr(plain, attr))
+            if a is None or not b:
+                L.append(f"| {mode} ÷ plain, {what} | - | ≥ 0.8 | not measured |")
+            else:
+                L.append(f"| {mode} ÷ plain, {what} | {a / b:.2f} | ≥ 0.8 | "
+                         f"{'met' if a / b >= 0.8 else 'missed'}{disturbed(args, st, plain)} |")
+    a, b = n4 and median(n4.totals), sep and median(sep.totals)
+    L.append(f"| `n: 4` ÷ 4 requests of n=1, total tok/s | {fmt(a / b, 2) if a and b else '-'} | - | "
+             f"{'n=4 faster' if a and b and a > b else 'n=4 not faster' if a and b else 'not measured'}"
+             f"{disturbed(args, n4, sep) if a and b else ''} |")
+    L.append("")
+    problems = [(k, st) for k, st in stats.items() if st.errors or st.problems]
+    for extra in ("n4", "4x1"):
+        st = mode_stats(batches, "edgellm", extra)
+        if st and st.errors:
+            problems.append((("edgellm", extra), st))
+    if problems or notes:
+        L.append("Notes:\n")
+        for (server, mode), st in problems:
+            for e in st.errors[:3]:
+                L.append(f"- {server} {mode}: error {e}")
+            for p in st.problems[:3]:
+                L.append(f"- {server} {mode}: answer does not validate: {p}")
+        L.extend(f"- {n}" for n in notes)
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def disturbed(args, *stats: ModeStats | None) -> str:
+    """' (unreliable: ...)' when other processes used more than --max-other percent of the machine
+    (median over a mode's batches) while one of these modes was measured."""
+    busy = [m for st in stats if st is not None and (m := median(st.other_cpu)) is not None and m > args.max_other]
+    return f" (unreliable: other processes used {max(busy):.0f}% of the CPU)" if busy else ""
+
+
+def replace_section(text: str, heading: str, section: str) -> str:
+    """text with the `## heading` section (up to the next `## ` heading) replaced by section, or
+    with section appended where there is none."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip("\n") == heading), None)
+    if start is None:
+        return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
+    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+    rest = "".join(lines[end:])
+    return "".join(lines[:start]) + section + ("\n" + rest if rest else "")
+
+
+def old_section(text: str, heading: str) -> str | None:
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip("\n") == heading), None)
+    if start is None:
+        return None
+    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+    return "".join(lines[start:end]).rstrip("\n") + "\n"
+
+
+def run_structured(args) -> int:
+    notes: list[str] = []
+    if not args.llama_server:
+        built = CACHE / "llama-cpp-python-0.3.36" / "build" / "bin" / "llama-server"
+        if built.exists():
+            args.llama_server = str(built)
+        else:
+            notes.append("llama-server was not run: no binary on this machine (none was built here: "
+                         "`scripts/build_llama_server.sh` takes a long llama.cpp compile); pass "
+                         "`--llama-server PATH` for a side-by-side row with the same json_schema and tools.")
+    mach, vers = machine_info(), versions(args)
+    started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    t0 = time.monotonic()
+    deadline = t0 + args.budget
+    batches: list[Batch] = []
+    servers = [("edgellm", start_edgellm, True)]
+    if args.llama_server:
+        servers.append(("llama-server", start_llama_server_jinja, False))
+    try:
+        for name, start, with_n in servers:
+            try:
+                run_structured_server(args, name, start, [], batches, deadline, with_n)
+            except Exception as exc:  # one server failing must not lose the other's results
+                log(f"[{name}] failed: {exc}")
+                notes.append(f"{name} failed: {str(exc).splitlines()[0][:300]}")
+        if args.llama_server:
+            notes.append("llama-server: `n: 4` not measured (its chat endpoint serves one choice per request).")
+    except KeyboardInterrupt:
+        log("interrupted: servers stopped; writing what was measured")
+        notes.append("the run was interrupted before it finished")
+    section = render_structured(args, batches, notes, started, time.monotonic() - t0, mach, vers)
+    if args.out:
+        path = Path(args.out)
+        path.write_text(replace_section(path.read_text() if path.exists() else "", STRUCTURED_HEADING, section))
+        log(f"wrote the section '{STRUCTURED_HEADING}' of {args.out}")
+    else:
+        print(section)
+    return 0
+
+
+def start_llama_server_jinja(args, parallel: int) -> tuple[Server, list[int]]:
+    """llama-server as start_llama_server starts it, plus --jinja, which its tools support needs."""
+    port = free_port()
+    cmd = [args.llama_server, "-m", args.model, "-t", str(args.threads), "-tb", str(args.threads),
+           "-np", str(parallel), "-c", str(2048 * parallel), "--host", HOST, "--port", str(port),
+           "--no-webui", "--jinja"]
+    srv = Server("llama-server", cmd, port, "/health", logs_dir() / f"llama-server-jinja-p{parallel}.log")
+    srv.wait_ready(args.start_timeout)
+    return srv, [srv.proc.pid]
+
+
+# ---------------------------------------------------------------------------------------
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -825,7 +1434,17 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128, help="max_tokens of every request")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrency levels")
-    p.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after the other")
+    p.add_argument("--scenario", choices=["servers", "structured"], default="servers",
+                   help="servers (default): edgellm against llama.cpp's servers at each concurrency; "
+                        "structured: plain / json_schema / tool_choice=required decode speed and n=4 against "
+                        "4 requests, written as its own section of --out")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="servers: requests each client sends, one after the other (default 2); "
+                        "structured: rounds (default 3)")
+    p.add_argument("--per-round", type=int, default=3,
+                   help="structured: requests per mode in each round, one after the other")
+    p.add_argument("--budget", type=float, default=900.0,
+                   help="structured: no new round starts after this many seconds")
     p.add_argument("--parallel-mode", choices=["level", "max"], default="level",
                    help="level: restart each server per level with slots = concurrency; max: start once "
                         "with slots = the largest level")
@@ -855,6 +1474,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.model = str(Path(args.model).resolve())
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    if args.rounds is None:
+        args.rounds = 3 if args.scenario == "structured" else 2
     return args
 
 
@@ -870,6 +1491,8 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    if args.scenario == "structured":
+        return run_structured(args)
     only = set(args.only.split(",")) if args.only else {"inprocess", "edgellm", "llama-server", "lcpp-server"}
     skipped: list[str] = []
 
@@ -914,6 +1537,9 @@ def main(argv=None) -> int:
         skipped.append("the run was interrupted before it finished")
     report = render(args, levels, skipped, started, time.monotonic() - t0, mach, vers)
     if args.out:
+        kept = old_section(Path(args.out).read_text(), STRUCTURED_HEADING) if Path(args.out).exists() else None
+        if kept:  # the structured scenario's section stays until that scenario is run again
+            report = report.rstrip("\n") + "\n\n" + kept
         Path(args.out).write_text(report)
         log(f"wrote {args.out}")
     else:

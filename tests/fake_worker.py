@@ -85,13 +85,13 @@ class FaultyEngine:
                 events.append(Event(job_id, ewp.CHUNK, {"index": 0, "embedding": [1.0]}))
             elif state == 0:
                 self.jobs[job_id] = 1
-                events.append(Event(job_id, ewp.CHUNK, {"text": "hello"}))
+                events.append(Event(job_id, ewp.CHUNK, {"index": 0, "text": "hello"}))
             elif self.mode == "die":
                 time.sleep(0.3)  # let ZeroMQ's I/O thread send the first chunk
                 os._exit(3)
             else:
                 del self.jobs[job_id]
-                events.append(Event(job_id, ewp.CHUNK, {"text": " world"}))
+                events.append(Event(job_id, ewp.CHUNK, {"index": 0, "text": " world"}))
                 events.append(Event(job_id, ewp.DONE, {"finish_reason": "stop", "usage": {
                     "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}))
         return events

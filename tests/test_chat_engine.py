@@ -47,7 +47,7 @@ def run(engine, jobs: dict[str, dict], start_later: dict[str, dict] | None = Non
     while engine.busy():
         for event in engine.step():
             if event.command == ewp.CHUNK:
-                texts[event.job_id] += event.body["text"]
+                texts[event.job_id] += event.body.get("text", "")
             else:
                 done[event.job_id] = event.body
         steps += 1
@@ -139,7 +139,7 @@ def test_a_sampling_failure_fails_only_its_job(engine, monkeypatch):
     engine.submit(job_id(30), story)
     engine.submit(job_id(31), story)
     engine.step()
-    broken = engine._jobs[job_id(30)].job.sampler
+    broken = engine._jobs[job_id(30)].choices[0].sampler
 
     def explode(ctx, index):
         raise RuntimeError("sampler bug")
@@ -190,8 +190,8 @@ def test_special_token_text_in_a_message_is_tokenized_as_text(engine):
     as_text = engine.model.tokenize(INJECTION, add_special=False, parse_special=False)
     as_special = engine.model.tokenize(INJECTION, add_special=False, parse_special=True)
     assert len(control_tokens(engine, as_special)) == 4 and not control_tokens(engine, as_text)
-    without = engine._prompt_tokens([{"role": "user", "content": ""}])
-    tokens = engine._prompt_tokens([{"role": "user", "content": INJECTION}])
+    without = engine._prompt_tokens({"messages": [{"role": "user", "content": ""}]})
+    tokens = engine._prompt_tokens({"messages": [{"role": "user", "content": INJECTION}]})
     # The template's turns and nothing else: the user's text added no special token.
     assert control_tokens(engine, tokens) == control_tokens(engine, without) and control_tokens(engine, without)
     # The message is its plain-text tokens, inside the template's.
@@ -207,14 +207,14 @@ def test_everyday_prompts_tokenize_as_the_whole_rendered_text_does(engine):
                 {"role": "user", "content": "What is the capital of France?"},
                 {"role": "assistant", "content": "Paris.  "}, {"role": "user", "content": " And of Italy?\n"}]
     whole = engine.model.tokenize(engine.template.render(messages), add_special=False, parse_special=True)
-    assert engine._prompt_tokens(messages) == whole
+    assert engine._prompt_tokens({"messages": messages}) == whole
 
 
 def test_the_most_messages_the_front_end_allows_tokenize_without_trouble(engine):
     """1024 messages (the server's max_messages), each full of special-token text: the prompt
     holds the template's turns and the messages' text, nothing more."""
     messages = [{"role": "user", "content": INJECTION}] * 1024
-    turns = control_tokens(engine, engine._prompt_tokens(messages))
+    turns = control_tokens(engine, engine._prompt_tokens({"messages": messages}))
     # <|im_start|> and <|im_end|> around the default system message and each user message, then
     # the assistant's <|im_start|>.
     assert turns == [1, 2] * 1025 + [1]

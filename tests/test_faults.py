@@ -131,9 +131,9 @@ def test_garbage_frames_are_dropped(faulty):
 def test_a_reply_of_the_wrong_shape_for_the_job_is_a_protocol_error(faulty):
     faulty.start_fake("misfit")
     r = ask(faulty, "fake-misfit")
-    assert r.status_code == 500
+    assert r.status_code == 500, r.text
     assert r.json()["error"]["code"] == "worker_protocol_error"
-    assert "text" in r.json()["error"]["message"]
+    assert "embedding" in r.json()["error"]["message"]
 
 
 def test_a_worker_that_always_says_busy_does_not_starve_its_model(faulty):

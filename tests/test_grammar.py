@@ -12,7 +12,7 @@ import llama_cpp as lc
 import pytest
 
 from conftest import CHAT_PATH, ROOT
-from worker.grammar import (MAX_DEPTH, GrammarError, json_object_grammar, json_schema_grammar, schema_problem,
+from worker.grammar import (JSON_OBJECT, MAX_DEPTH, GrammarError, json_schema_grammar, schema_problem,
                             tool_call_grammar, tool_parameters_problem)
 from worker.tool_calls import call_block
 
@@ -94,7 +94,7 @@ NO_ARGS = {"name": "now", "description": "The time", "parameters": {}}
 # -- response_format -----------------------------------------------------------------------------
 
 def test_json_object_grammar(vocab):
-    grammar = json_object_grammar()
+    grammar = json_schema_grammar(JSON_OBJECT)
     assert vocab.accepts(grammar, '{"a": [1, "x"]}')
     assert vocab.accepts(grammar, '{"nested": {"b": null, "c": true, "d": -1.5e3}}')
     assert not vocab.accepts(grammar, "hello")
@@ -217,6 +217,18 @@ def test_auto_tool_call_grammar(vocab):
     assert not vocab.accepts(grammar, call_block("get_weather", '{"city": "Paris"}') + " and more text")
 
 
+def test_auto_tools_beside_a_json_answer_give_a_call_or_that_json(vocab):
+    answer = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    grammar = tool_call_grammar([WEATHER], "auto", parallel=False, answer=answer)
+    assert vocab.accepts(grammar, '{"city": "Paris"}')
+    assert vocab.accepts(grammar, call_block("get_weather", '{"city": "Paris"}'))
+    assert not vocab.accepts(grammar, "Free text.")
+    assert not vocab.accepts(grammar, '{"town": "Paris"}')
+    assert not vocab.accepts(grammar, '{"city": "Paris"}' + call_block("get_weather", '{"city": "Paris"}'))
+    required = tool_call_grammar([WEATHER], "required", parallel=False, answer=answer)
+    assert not vocab.accepts(required, '{"city": "Paris"}')  # a required call comes first; the JSON next turn
+
+
 def test_tools_with_the_same_definition_names_do_not_share_rules(vocab):
     def tool(name, item):
         return {"name": name, "parameters": {"$defs": {"Item": item}, "type": "object",
@@ -229,7 +241,7 @@ def test_tools_with_the_same_definition_names_do_not_share_rules(vocab):
 
 
 def test_every_grammar_compiles(vocab):
-    for grammar in (json_object_grammar(), json_schema_grammar(PERSON), json_schema_grammar(PYDANTIC),
+    for grammar in (json_schema_grammar(JSON_OBJECT), json_schema_grammar(PERSON), json_schema_grammar(PYDANTIC),
                     tool_call_grammar([WEATHER, SEARCH, NO_ARGS], "auto", True),
                     tool_call_grammar([WEATHER], "required", False),
                     tool_call_grammar([NO_ARGS], {"name": "now"}, False)):
@@ -331,3 +343,13 @@ def test_checks_hold_without_asserts():
             "p = schema_problem({'type': 'string', 'pattern': 'abc'}, 'x'); "
             "import sys; sys.exit(0 if p and '^' in p else 1)")
     subprocess.run([sys.executable, "-O", "-c", code], cwd=ROOT, check=True)
+
+
+def test_client_grammars_are_bounded_in_size_and_nesting():
+    from worker.grammar import MAX_GRAMMAR_NESTING, grammar_problem
+    assert grammar_problem('root ::= ("a" | [()] | "(") # (((', "grammar") is None
+    deep = "root ::= " + "(" * (MAX_GRAMMAR_NESTING + 1) + '"a"' + ")" * (MAX_GRAMMAR_NESTING + 1)
+    assert f"{MAX_GRAMMAR_NESTING + 1} deep" in grammar_problem(deep, "grammar")
+    assert grammar_problem("", "grammar") and grammar_problem(5, "grammar")
+    fine = "root ::= " + "(" * MAX_GRAMMAR_NESTING + '"a"' + ")" * MAX_GRAMMAR_NESTING
+    assert grammar_problem(fine, "grammar") is None

@@ -77,3 +77,22 @@ def test_a_worker_held_after_worker_busy_gets_no_job_until_the_hold_ends():
     assert [w for w, _ in pool.dispatch(now=5.0)] == [honest]  # the other waits rather than bounce
     assert len(pool.queue) == 1
     assert [w for w, _ in pool.dispatch(now=10.0)] == [liar]
+
+
+def test_a_job_of_several_choices_waits_for_a_worker_with_a_slot_for_each():
+    pool = ModelPool("m", queue_size=8, queue_timeout=30)
+    two, three = worker("two", 2), worker("three", 3)
+    pool.add(two)
+    pool.add(three)
+    pool.enqueue(job(1))
+    big = Job(job_id=f"{2:032x}", client=b"c", model="m", body={}, enqueued=0.0, slots=3)
+    pool.enqueue(big)
+    pool.enqueue(job(3))
+    sent = pool.dispatch(now=0.0)
+    # job 1 takes a slot of "three"; then no worker has 3 free, and job 3 may not overtake job 2
+    assert [j.job_id for _, j in sent] == [f"{1:032x}"]
+    assert list(pool.queue) == [big, pool.queue[1]]
+    three.jobs.clear()
+    sent = pool.dispatch(now=0.0)
+    assert [(w, j) for w, j in sent][0] == (three, big) and three.free() == 0
+    assert [j.job_id for _, j in sent] == [f"{2:032x}", f"{3:032x}"]

@@ -116,6 +116,8 @@ def test_ready_from_each_engine_shape_passes():
             is None
 
 
+ALTERNATIVE = {"token": " Paris", "logprob": -0.25, "bytes": list(b" Paris")}
+LOGPROB = {**ALTERNATIVE, "top_logprobs": [ALTERNATIVE]}
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 1}}
 
 
@@ -130,7 +132,25 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_
     (ewp.CHUNK, {"index": -1, "embedding": [0.5]}, False),
     (ewp.CHUNK, {"index": 0, "text": "chunk", "embedding": [0.5]}, True),
     (ewp.CHUNK, {"text": "a", "extra": 1}, False),
+    (ewp.CHUNK, {"index": 1, "text": "a", "logprobs": [LOGPROB], "finish_reason": "length"}, True),
+    (ewp.CHUNK, {"index": 0, "tool_call": {"index": 0, "name": "get_weather"}}, True),
+    (ewp.CHUNK, {"index": 0, "tool_call": {"index": 0, "arguments": "{\"city\": "}}, True),
+    (ewp.CHUNK, {"index": 0, "finish_reason": "tool_calls"}, True),
+    (ewp.CHUNK, {"index": 0}, False),  # says nothing
+    (ewp.CHUNK, {"text": "a", "finish_reason": "stop"}, False),  # which choice?
+    (ewp.CHUNK, {"index": 0, "finish_reason": "cancelled"}, False),  # the job's, not a choice's
+    (ewp.CHUNK, {"index": 0, "tool_call": {"index": 0, "name": "no spaces"}}, False),
+    (ewp.CHUNK, {"index": 0, "tool_call": {"index": 0, "name": "f", "arguments": "{}"}}, False),
+    (ewp.CHUNK, {"index": 0, "tool_call": {"index": -1, "arguments": "{}"}}, False),
+    (ewp.CHUNK, {"index": 0, "tool_call": {"index": 0, "arguments": "\ud800"}}, False),
+    (ewp.CHUNK, {"index": 0, "logprobs": [{**LOGPROB, "logprob": 0.5}]}, False),
+    (ewp.CHUNK, {"index": 0, "logprobs": [{**LOGPROB, "bytes": [256]}]}, False),
+    (ewp.CHUNK, {"index": 0, "logprobs": [{**LOGPROB, "top_logprobs": [LOGPROB]}]}, False),  # nested top
+    (ewp.CHUNK, {"index": 0, "logprobs": [{**LOGPROB, "top_logprobs": [ALTERNATIVE] * 21}]}, False),
+    (ewp.CHUNK, {"index": 0, "logprobs": [LOGPROB] * (ewp.MAX_LOGPROB_ENTRIES + 1)}, False),
+    (ewp.CHUNK, {"index": 0, "logprobs": {"content": []}}, False),
     (ewp.DONE, {"finish_reason": "length", "usage": USAGE}, True),
+    (ewp.DONE, {"finish_reason": "tool_calls", "usage": USAGE}, True),
     (ewp.DONE, {"finish_reason": None, "usage": {"prompt_tokens": 3, "total_tokens": 3}}, True),
     (ewp.DONE, {"finish_reason": "cancelled", "usage": {"prompt_tokens": 0, "total_tokens": 0}}, True),
     (ewp.DONE, {"finish_reason": "because", "usage": USAGE}, False),
@@ -149,10 +169,10 @@ def test_job_body_schema(command, body, ok):
 
 
 @pytest.mark.parametrize("job, fields", [
-    ({"kind": "chat"}, {"text"}),
-    ({"kind": "embedding"}, {"index", "embedding"}),
-    ({"kind": "chunk"}, {"index", "text"}),
-    ({"kind": "chunk", "embed": True}, {"index", "text", "embedding"}),
+    ({"kind": "chat"}, ({"index"}, {"index", "text", "tool_call", "logprobs", "finish_reason"})),
+    ({"kind": "embedding"}, ({"index", "embedding"},) * 2),
+    ({"kind": "chunk"}, ({"index", "text"},) * 2),
+    ({"kind": "chunk", "embed": True}, ({"index", "text", "embedding"},) * 2),
 ])
-def test_the_fields_a_jobs_chunks_must_carry(job, fields):
+def test_the_fields_a_jobs_chunks_must_and_may_carry(job, fields):
     assert ewp.chunk_fields(job) == fields

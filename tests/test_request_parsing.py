@@ -14,9 +14,8 @@ import pytest
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from frontend import chat_api
 from frontend import validation as v
-from frontend.chat_api import (FIELDS, IGNORED, MAX_GRAMMAR_CHARS, MAX_LOGIT_BIAS, MAX_STOP_STRINGS, REFUSED,
+from frontend.chat_api import (FIELDS, IGNORED, MAX_LOGIT_BIAS, MAX_STOP_STRINGS, REFUSED,
                                ChatCall, check_chat_context, fields_table, parse_stop)
 from frontend.chat_api import parse_chat as _parse_chat
 from frontend.chat_api import parse_messages as _parse_messages
@@ -28,6 +27,7 @@ from frontend.errors import APIError
 from frontend.rag import last_user_text, merge_context
 from frontend.request_body import parse_json, read_body
 from store import Hit
+from worker.grammar import MAX_CLIENT_GRAMMAR_CHARS
 from worker.strict_json import nests_deeper_than
 
 USER = {"role": "user", "content": "hi"}
@@ -790,7 +790,8 @@ def test_output_shapes(fields, output):
     ({"json_schema": [SCHEMA]}, "json_schema", []),
     ({"grammar": 5}, "grammar", ["string"]),
     ({"grammar": " "}, "grammar", ["GBNF"]),
-    ({"grammar": "r" * (MAX_GRAMMAR_CHARS + 1)}, "grammar", [str(MAX_GRAMMAR_CHARS)]),
+    ({"grammar": "r" * (MAX_CLIENT_GRAMMAR_CHARS + 1)}, "grammar", [str(MAX_CLIENT_GRAMMAR_CHARS)]),
+    ({"grammar": "root ::= " + "(" * 600 + '"a"' + ")" * 600}, "grammar", ["600 deep"]),
     ({"response_format": {"type": "json_object"}, "json_schema": SCHEMA}, "json_schema", ["only one"]),
     ({"json_schema": SCHEMA, "grammar": "root ::= x"}, "grammar", ["'json_schema' and 'grammar'"]),
 ])
@@ -798,25 +799,18 @@ def test_bad_output(fields, param, words):
     api_error(parse_chat, {"messages": [USER], **fields}, param=param, mentions=words)
 
 
-def test_schemas_go_through_schema_problem(monkeypatch):
-    seen = []
-
-    def problem(schema, param):
-        seen.append(param)
-        return f"{param} uses 'not', which the grammar cannot express" if "not" in schema else None
-
-    monkeypatch.setattr(chat_api, "schema_problem", problem)
-    bad = {"not": {"type": "string"}}
+def test_schemas_the_grammar_cannot_enforce_are_a_400_naming_where():
+    bad = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}
     parse_chat({"messages": [USER], "response_format": json_schema_format()})
     parse_chat({"messages": [USER], "json_schema": SCHEMA})
     parse_chat({"messages": [USER], "tools": [tool("a", parameters=SCHEMA), tool("b")]})
-    assert seen == ["response_format.json_schema.schema", "json_schema", "tools[0].function.parameters",
-                    "tools[1].function.parameters"]
     api_error(parse_chat, {"messages": [USER], "response_format": json_schema_format(schema=bad)},
-              param="response_format.json_schema.schema", mentions=["'not'"])
-    api_error(parse_chat, {"messages": [USER], "json_schema": bad}, param="json_schema")
+              param="response_format.json_schema.schema", mentions=["'minimum'", "/properties/age"])
+    api_error(parse_chat, {"messages": [USER], "json_schema": bad}, param="json_schema", mentions=["'minimum'"])
     api_error(parse_chat, {"messages": [USER], "tools": [tool("a"), tool("b", parameters=bad)]},
-              param="tools[1].function.parameters", mentions=["'not'"])
+              param="tools[1].function.parameters", mentions=["'minimum'"])
+    api_error(parse_chat, {"messages": [USER], "tools": [tool("a", parameters={"type": "string"})]},
+              param="tools[0].function.parameters")
 
 
 # -- chat: tools -----------------------------------------------------------------------------
@@ -887,11 +881,8 @@ def test_no_tools():
     ({"tools": [tool("a")], "tool_choice": {"type": "function", "name": "a"}}, "tool_choice", []),
     ({"tools": [tool("a")], "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice", []),
     ({"tools": [tool("a")], "parallel_tool_calls": "yes"}, "parallel_tool_calls", []),
-    ({"tools": [tool("a")], "response_format": {"type": "json_object"}}, "tool_choice",
-     ["not supported together", "json_object"]),
     ({"tools": [tool("a")], "tool_choice": "required", "grammar": "root ::= x"}, "tool_choice",
      ["not supported together"]),
-    ({"tools": [tool("a")], "json_schema": SCHEMA}, "tool_choice", ["not supported together"]),
 ])
 def test_bad_tools(fields, param, words):
     api_error(parse_chat, {"messages": [USER], **fields}, param=param, mentions=words)

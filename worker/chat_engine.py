@@ -1,13 +1,17 @@
 """The chat engine: continuous batching over one llama.cpp context.
 
-Each of ``parallel`` slots (llama.cpp seq ids 0..parallel-1) holds at most one job, and is in
-one of the states of ``SlotState``. A step has three phases:
+Each of ``parallel`` slots (llama.cpp seq ids 0..parallel-1) holds at most one choice of one
+job (a request for ``n`` choices takes n slots), and is in one of the states of ``SlotState``.
+A job's prompt is prefilled once, in its first slot; its other choices wait, then copy that
+slot's KV cache and draw their own tokens from the same last row of logits. A step has three
+phases:
 
 1. build the batch: the next token of every generating slot, then pending prompt of the
    prefilling slots, oldest first (see PREFILL_TOKENS_PER_STEP: a long prompt is prefilled in
    pieces between the other jobs' tokens, never stalling them);
 2. decode it with one ``llama_decode``;
-3. sample each slot's next token with that job's own sampler chain.
+3. sample each slot's next token with its choice's own sampler (worker/sampling.py), and turn
+   it into CHUNK bodies (worker/chat_output.py).
 
 Jobs join and leave between steps. An exception in any phase fails only the jobs that phase
 was working on, each with a coded ERROR; the engine and the worker process carry on.
@@ -31,13 +35,15 @@ from dataclasses import dataclass, field
 
 import llama_cpp as lc
 
+from worker import grammar as grammars
 from worker import protocol as ewp
+from worker.chat_output import ChoiceOutput
 from worker.chat_template import ChatTemplate, TemplateError
 from worker.loop import Event, JobError
 from worker.model import LoadedModel, ModelLoadError
-from worker.sampling import SamplerChain, SamplingParams
+from worker.sampling import GrammarError, SamplingParams, TokenSampler, log_probs
 from worker.settings import ModelSettings
-from worker.text_stream import TextStream
+from worker.tool_calls import RESPONSE_OPEN, prepare_messages, template_uses_tools
 
 log = logging.getLogger("edgellm.worker")
 
@@ -50,32 +56,48 @@ PREFILL_TOKENS_PER_STEP = 128
 
 class SlotState(enum.Enum):
     IDLE = "idle"  # no job; its sequence may still hold a reusable prompt prefix
+    WAITING = "waiting"  # holds a choice whose prompt another slot of its job is prefilling
     PREFILLING = "prefilling"  # the job's prompt is being decoded, a piece per step
-    GENERATING = "generating"  # the job has a sampled token waiting to be decoded
-    DONE = "done"  # the job ended during this step; the slot is idle again once the step returns
+    GENERATING = "generating"  # the choice has a sampled token waiting to be decoded
+    DONE = "done"  # the choice ended during this step; the slot is idle again once the step returns
 
 
-@dataclass
+RUNNING = (SlotState.WAITING, SlotState.PREFILLING, SlotState.GENERATING)
+
+
+@dataclass(eq=False)
+class Choice:
+    index: int
+    sampler: TokenSampler
+    output: ChoiceOutput
+    next_token: int | None = None  # sampled, not yet decoded
+    n_generated: int = 0
+    ended: bool = False
+
+
+@dataclass(eq=False)
 class ChatJob:
     job_id: str
     prompt: list[int]
-    sampler: SamplerChain
-    text: TextStream
     max_tokens: int | None
     pending: deque[int]  # prompt tokens not yet decoded
     n_cached: int  # prompt tokens reused from the slot's cache (not prefilled again)
-    next_token: int | None = None  # sampled, not yet decoded
-    n_generated: int = 0
+    top_logprobs: int | None  # alternatives per token when logprobs were asked for, else None
+    choices: list[Choice] = field(default_factory=list)
+    # One slot per choice, the first prefills the prompt. A slot is the job's while its .job is
+    # this job: one whose choice ended may already serve another job (see ChatEngine._held).
+    slots: list = field(default_factory=list)
     cancelled: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
     seq_id: int
     state: SlotState = SlotState.IDLE
     cached: list[int] = field(default_factory=list)  # tokens in the KV cache for this sequence
     exact: int = 0  # how many of them were prefilled in whole chunks (safe to reuse)
     job: ChatJob | None = None
+    choice: Choice | None = None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -107,8 +129,9 @@ class ChatEngine:
                                          eos_token=self.model.token_text(lc.llama_vocab_eos(vocab)))
         except TemplateError as exc:
             raise ModelLoadError(str(exc)) from None
+        self.template_tools = template_uses_tools(self.template.source)
         self._slots = [Slot(i) for i in range(self.slots)]
-        self._jobs: dict[str, Slot] = {}  # in submission order: prefill is first come, first served
+        self._jobs: dict[str, ChatJob] = {}  # in submission order: prefill is first come, first served
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
 
     # -- engine interface ----------------------------------------------------------------
@@ -121,7 +144,11 @@ class ChatEngine:
     def submit(self, job_id: str, request: dict) -> None:
         if request.get("kind") != ewp.JOB_CHAT:
             raise JobError(ewp.INVALID_REQUEST, f"a chat worker cannot run a {request.get('kind')!r} job")
-        prompt = self._prompt_tokens(request.get("messages") or [])
+        n = request.get("n", 1)
+        if n > self.slots:
+            raise JobError(ewp.INVALID_REQUEST, f"'n' is {n}; a worker of this model has {self.slots} slots, one "
+                           "per choice: ask for fewer choices", "n")
+        prompt = self._prompt_tokens(request)
         if not prompt:
             raise JobError(ewp.INVALID_REQUEST, "the messages render to an empty prompt", "messages")
         if len(prompt) >= self.ctx_size:
@@ -129,38 +156,44 @@ class ChatEngine:
                            f"the prompt is {len(prompt)} tokens; this model's context holds {self.ctx_size} "
                            "(prompt plus answer): shorten the messages", "messages")
         free = [s for s in self._slots if s.state is SlotState.IDLE]
-        if not free:
-            raise JobError(ewp.WORKER_BUSY, "every slot of this worker is busy")
-        stop = request.get("stop") or []
-        sampler = SamplerChain(SamplingParams.from_request(request), self.model.n_vocab)
-        slot = max(free, key=lambda s: self._reusable(s, prompt))
-        keep = self._reusable(slot, prompt)
-        lc.llama_memory_seq_rm(self.model.memory, slot.seq_id, keep, -1)
-        slot.cached = prompt[:keep]
-        slot.exact = keep
-        slot.job = ChatJob(job_id=job_id, prompt=prompt, sampler=sampler,
-                           text=TextStream(stop if isinstance(stop, list) else [stop]),
-                           max_tokens=request.get("max_tokens"), pending=deque(prompt[keep:]), n_cached=keep)
-        slot.state = SlotState.PREFILLING
-        self._jobs[job_id] = slot
+        if len(free) < n:
+            raise JobError(ewp.WORKER_BUSY, f"{len(free)} of this worker's slots are free; the job needs {n}")
+        choices = self._choices(request, n)
+        free.sort(key=lambda s: self._reusable(s, prompt), reverse=True)
+        first, others = free[0], free[len(free) - n + 1:]  # the others: the slots whose cache is worth least
+        keep = self._reusable(first, prompt)
+        lc.llama_memory_seq_rm(self.model.memory, first.seq_id, keep, -1)
+        first.cached = prompt[:keep]
+        first.exact = keep
+        logprobs = request.get("top_logprobs", 0) if request.get("logprobs") else None
+        job = ChatJob(job_id=job_id, prompt=prompt, max_tokens=request.get("max_tokens"),
+                      pending=deque(prompt[keep:]), n_cached=keep, top_logprobs=logprobs)
+        job.choices = choices
+        for slot, choice in zip([first, *others], choices):
+            slot.job, slot.choice = job, choice
+            slot.state = SlotState.WAITING
+            job.slots.append(slot)
+        first.state = SlotState.PREFILLING
+        self._jobs[job_id] = job
 
     def cancel(self, job_id: str) -> None:
-        slot = self._jobs.get(job_id)
-        if slot is not None:
-            slot.job.cancelled = True
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.cancelled = True
 
     def abort(self, job_id: str) -> None:
         """Forget a job at once, reporting nothing (the loop has already answered its client)."""
-        slot = self._jobs.get(job_id)
-        if slot is not None:
-            self._forget_cache(slot)
-            self._release(slot)
+        job = self._jobs.get(job_id)
+        if job is not None:
+            for slot in self._held(job):
+                self._forget_cache(slot)
+                self._release(slot)
 
     def step(self) -> list[Event]:
         events: list[Event] = []
-        for slot in self._active():
-            if slot.job.cancelled:
-                events.append(self._done(slot, "cancelled"))
+        for job in list(self._jobs.values()):
+            if job.cancelled:
+                events.extend(self._cancelled(job))
         outputs = self._build_batch(events)
         if self._batch.n_tokens:
             self._decode(events)
@@ -173,9 +206,68 @@ class ChatEngine:
                 self._release(slot)
         return events
 
+    # -- a job's choices -----------------------------------------------------------------
+    def _choices(self, request: dict, n: int) -> list[Choice]:
+        """One sampler and output per choice; a grammar or logit bias the model cannot take is
+        the client's error."""
+        grammar, param = self._grammar(request)
+        bias = self._logit_bias(request.get("logit_bias") or {})
+        stop = list(request.get("stop") or [])
+        if not self.template_tools and (request.get("tools") or any(m["role"] == "tool" for m in
+                                                                     request.get("messages") or [])):
+            stop.append(RESPONSE_OPEN)  # tool results come from the client, never from the model
+        tools = bool(request.get("tools"))
+        choices: list[Choice] = []
+        try:
+            for i in range(n):
+                sampler = TokenSampler(SamplingParams.from_request(request, i), self.model.n_vocab,
+                                       vocab=self.model.vocab, grammar=grammar, logit_bias=bias)
+                choices.append(Choice(i, sampler, ChoiceOutput(i, stop, tools=tools)))
+        except GrammarError as exc:
+            for choice in choices:
+                choice.sampler.free()
+            raise JobError(ewp.INVALID_REQUEST, f"{exc}: check '{param}'", param) from None
+        return choices
+
+    @staticmethod
+    def _grammar(request: dict) -> tuple[str | None, str | None]:
+        """The GBNF grammar that constrains the answer, and the request field it comes from."""
+        output = request.get("output") or {}
+        tools = request.get("tools")
+        answer = {"json_object": grammars.JSON_OBJECT, "json_schema": output.get("schema")}.get(output.get("type"))
+        try:
+            if tools:
+                return grammars.tool_call_grammar(tools, request.get("tool_choice", "auto"),
+                                                  request.get("parallel_tool_calls", True), answer), "tools"
+            if answer is not None:
+                return grammars.json_schema_grammar(answer), "response_format"
+            if output.get("type") == "grammar":
+                problem = grammars.grammar_problem(output.get("grammar"), "grammar")
+                if problem:
+                    raise JobError(ewp.INVALID_REQUEST, problem, "grammar")
+                return output["grammar"], "grammar"
+        except grammars.GrammarError as exc:
+            raise JobError(ewp.INVALID_REQUEST, str(exc), "tools" if tools else "response_format") from None
+        return None, None
+
+    def _logit_bias(self, bias: dict) -> dict[int, float]:
+        tokens = {int(token): value for token, value in bias.items()}
+        outside = [t for t in tokens if not 0 <= t < self.model.n_vocab]
+        if outside:
+            raise JobError(ewp.INVALID_REQUEST, f"'logit_bias' names token {outside[0]}; this model's token ids "
+                           f"run from 0 to {self.model.n_vocab - 1}", "logit_bias")
+        return tokens
+
     # -- phase 1: the batch --------------------------------------------------------------
     def _active(self) -> list[Slot]:
-        return [s for s in self._jobs.values() if s.state in (SlotState.PREFILLING, SlotState.GENERATING)]
+        """The slots with rows to decode, their jobs in submission order."""
+        return [s for job in self._jobs.values() for s in self._held(job)
+                if s.state in (SlotState.PREFILLING, SlotState.GENERATING)]
+
+    @staticmethod
+    def _held(job: ChatJob) -> list[Slot]:
+        """The slots still holding the job's choices (one whose choice ended may serve another job)."""
+        return [s for s in job.slots if s.job is job]
 
     def _build_batch(self, events: list[Event]) -> list[tuple[int, Slot]]:
         """Plan every active slot's rows, then write them into the batch. Returns (batch index,
@@ -183,8 +275,8 @@ class ChatEngine:
         plan: list[tuple[Slot, list[int]]] = []
         for slot in self._active():
             if slot.state is SlotState.GENERATING:
-                plan.append((slot, [slot.job.next_token]))
-                slot.job.next_token = None
+                plan.append((slot, [slot.choice.next_token]))
+                slot.choice.next_token = None
         prefilled = 0
         rows = len(plan)
         for slot in self._active():
@@ -238,54 +330,85 @@ class ChatEngine:
 
     # -- phase 3: sample -----------------------------------------------------------------
     def _sample(self, slot: Slot, index: int) -> list[Event]:
-        job = slot.job
-        token = job.sampler.sample(self.model.ctx, index)
-        if self.model.is_eog(token):
-            return self._finish_with_text(slot, "stop")
-        job.n_generated += 1
+        """Sample the slot's next token from output row ``index``; the row that ends a prompt
+        starts every choice of its job, the waiting ones taking a copy of the prompt's cache."""
+        if slot.state is not SlotState.PREFILLING:
+            return self._sample_choice(slot, index)
         events = []
-        text = job.text.feed(self.model.piece(token))
-        if text:
-            events.append(Event(job.job_id, ewp.CHUNK, {"text": text}))
-        if job.text.stopped:
-            return events + self._finish_with_text(slot, "stop")
-        if job.max_tokens is not None and job.n_generated >= job.max_tokens:
-            return events + self._finish_with_text(slot, "length")
+        for other in self._held(slot.job):
+            if other.state is SlotState.WAITING:
+                lc.llama_memory_seq_rm(self.model.memory, other.seq_id, -1, -1)
+                lc.llama_memory_seq_cp(self.model.memory, slot.seq_id, other.seq_id, -1, -1)
+                other.cached, other.exact = list(slot.cached), slot.exact
+                other.state = SlotState.PREFILLING
+        for other in self._held(slot.job):
+            if other.state is SlotState.PREFILLING:
+                events.extend(self._sample_choice(other, index))
+        return events
+
+    def _sample_choice(self, slot: Slot, index: int) -> list[Event]:
+        job, choice = slot.job, slot.choice
+        token = choice.sampler.sample(self.model.ctx, index)
+        if self.model.is_eog(token):
+            return self._finish(slot, "stop")
+        choice.n_generated += 1
+        logprob = None
+        if job.top_logprobs is not None:
+            logprob = log_probs(self.model.ctx, index, self.model.n_vocab, token, job.top_logprobs, self.model.piece)
+        events = self._chunks(job, choice.output.feed(self.model.piece(token), logprob))
+        if choice.output.stopped:
+            return events + self._finish(slot, "stop")
+        if job.max_tokens is not None and choice.n_generated >= job.max_tokens:
+            return events + self._finish(slot, "length")
         if len(slot.cached) >= self.ctx_size:
-            return events + self._finish_with_text(slot, "length")
-        job.next_token = token
+            return events + self._finish(slot, "length")
+        choice.next_token = token
         slot.state = SlotState.GENERATING
         return events
 
-    # -- ending jobs ---------------------------------------------------------------------
-    def _finish_with_text(self, slot: Slot, reason: str) -> list[Event]:
-        events = []
-        tail = slot.job.text.finish()
-        if tail:
-            events.append(Event(slot.job.job_id, ewp.CHUNK, {"text": tail}))
-        events.append(self._done(slot, reason))
+    # -- ending choices and jobs ---------------------------------------------------------
+    @staticmethod
+    def _chunks(job: ChatJob, bodies: list[dict]) -> list[Event]:
+        return [Event(job.job_id, ewp.CHUNK, body) for body in bodies]
+
+    def _finish(self, slot: Slot, reason: str) -> list[Event]:
+        """One choice ended: its last chunks, and the job's DONE once every choice has ended."""
+        job, choice = slot.job, slot.choice
+        events = self._chunks(job, choice.output.finish(reason))
+        choice.ended = True
+        slot.state = SlotState.DONE
+        if all(c.ended for c in job.choices):
+            events.append(self._done(job, "stop"))
         return events
 
-    def _done(self, slot: Slot, reason: str) -> Event:
-        job = slot.job
-        slot.state = SlotState.DONE
-        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": job.n_generated,
-                 "total_tokens": len(job.prompt) + job.n_generated,
+    def _cancelled(self, job: ChatJob) -> list[Event]:
+        for slot in self._held(job):
+            if slot.state in RUNNING:
+                slot.state = SlotState.DONE
+        return [self._done(job, "cancelled")]
+
+    def _done(self, job: ChatJob, reason: str) -> Event:
+        generated = sum(c.n_generated for c in job.choices)
+        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": generated,
+                 "total_tokens": len(job.prompt) + generated,
                  "prompt_tokens_details": {"cached_tokens": job.n_cached}}
         return Event(job.job_id, ewp.DONE, {"finish_reason": reason, "usage": usage})
 
     @contextmanager
     def _failing(self, slots: list[Slot], events: list[Event], phase: str):
-        """Run a phase; if it raises, fail the jobs of ``slots`` that are still running."""
+        """Run a phase; if it raises, fail the jobs of ``slots`` that are still running (each
+        choice of them: a job answers whole or not at all)."""
         try:
             yield
         except Exception as exc:  # a bug or a llama.cpp failure must not take the worker down
-            running = [s for s in slots if s.state in (SlotState.PREFILLING, SlotState.GENERATING)]
-            log.exception("%s failed for %d job(s)", phase, len(running))
-            for slot in running:
-                self._forget_cache(slot)
-                slot.state = SlotState.DONE
-                events.append(Event(slot.job.job_id, ewp.ERROR, ewp.error_body(
+            jobs = list({id(s.job): s.job for s in slots if s.job is not None and s.state in RUNNING}.values())
+            log.exception("%s failed for %d job(s)", phase, len(jobs))
+            for job in jobs:
+                for slot in self._held(job):
+                    if slot.state in RUNNING:
+                        self._forget_cache(slot)
+                        slot.state = SlotState.DONE
+                events.append(Event(job.job_id, ewp.ERROR, ewp.error_body(
                     ewp.INTERNAL_ERROR, f"the worker failed while {phase} ({type(exc).__name__}: {exc})")))
 
     def _forget_cache(self, slot: Slot) -> None:
@@ -295,10 +418,12 @@ class ChatEngine:
         slot.exact = 0
 
     def _release(self, slot: Slot) -> None:
-        slot.job.sampler.free()
-        del self._jobs[slot.job.job_id]
-        slot.job = None
+        job = slot.job
+        slot.choice.sampler.free()
+        slot.job = slot.choice = None
         slot.state = SlotState.IDLE
+        if not self._held(job):
+            self._jobs.pop(job.job_id, None)
 
     # -- prompts -------------------------------------------------------------------------
     def _reusable(self, slot: Slot, prompt: list[int]) -> int:
@@ -307,14 +432,18 @@ class ChatEngine:
         shared = min(_common_prefix(slot.cached, prompt), slot.exact, len(prompt) - 1)
         return shared - shared % self.prefill_chunk
 
-    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
+    def _prompt_tokens(self, request: dict) -> list[int]:
         """The prompt's tokens: the template's markup tokenized with special tokens parsed, each
         message's content as plain text, so a user's "<|im_start|>" is text, not a turn (see
         ChatTemplate.render_pieces, also for the token boundaries this gives). Special-token
         parsing (quadratic in llama.cpp) only ever sees the template's short pieces, so
-        tokenizing stays linear in the messages."""
+        tokenizing stays linear in the messages. Tools reach the prompt through the template
+        when it renders them, else as our own description (worker/tool_calls.py)."""
+        messages, tools = prepare_messages(request.get("messages") or [], request.get("tools"),
+                                           request.get("tool_choice", "auto"),
+                                           request.get("parallel_tool_calls", True), self.template_tools)
         try:
-            pieces = self.template.render_pieces(messages)
+            pieces = self.template.render_pieces(messages, tools=tools)
         except TemplateError as exc:
             raise JobError(ewp.INVALID_REQUEST, str(exc), "messages") from None
         starts_with_bos = bool(pieces) and pieces[0].markup and bool(self.bos_text) \

@@ -24,7 +24,12 @@ MAX_DEPTH = 16            # nesting of schemas inside a schema
 MAX_NODES = 2000          # schemas (and enum values) in one schema
 MAX_REPEAT = 256          # minItems, maxItems, minLength, maxLength, {m,n}: expanded into grammar text
 MAX_PATTERN = 256         # characters in a pattern
-MAX_GRAMMAR_CHARS = 256 * 1024
+JSON_OBJECT = {"type": "object"}  # the schema of response_format json_object: any JSON object
+MAX_GRAMMAR_CHARS = 256 * 1024  # a grammar built here from schemas and tools
+MAX_CLIENT_GRAMMAR_CHARS = 64 * 1024  # a GBNF grammar a client sends (llama.cpp's `grammar` field)
+# Parentheses nested in one rule: llama.cpp's GBNF parser recurses once per level, and some 20000
+# levels (a 40 KB grammar) overflow a thread's stack and kill the worker process.
+MAX_GRAMMAR_NESTING = 512
 
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment",
                          "deprecated", "readOnly", "writeOnly", "discriminator"})
@@ -429,13 +434,53 @@ def _visit(converter, schema: dict, prefix: str) -> str:
         raise GrammarError(f"the schema cannot be turned into a grammar: {exc}") from None
 
 
+def grammar_problem(text, param: str) -> str | None:
+    """What is wrong with a GBNF grammar a client sent, before llama.cpp parses it (which says
+    only whether it parses): its size, and how deep its parentheses nest. Linear in the text."""
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_CLIENT_GRAMMAR_CHARS:
+        return f"'{param}' must be a GBNF grammar of 1 to {MAX_CLIENT_GRAMMAR_CHARS} characters"
+    depth = _nesting(text)
+    if depth > MAX_GRAMMAR_NESTING:
+        return f"'{param}' nests parentheses {depth} deep; at most {MAX_GRAMMAR_NESTING} are allowed"
+    return None
+
+
+def _nesting(text: str) -> int:
+    """The deepest parenthesis nesting of GBNF text, outside literals, classes and comments."""
+    deepest = depth = 0
+    quote = None  # '"' inside a literal, "]" inside a character class
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c == '"':
+            quote = '"'
+        elif c == "[":
+            quote = "]"
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    return deepest
+
+
 def _finish(converter, extra_rules: dict[str, str]) -> str:
     rules = converter._rules
     if "char" in rules:
         rules["char"] = _STRICT_CHAR
     text = "\n".join([*(f"{name} ::= {rule}" for name, rule in extra_rules.items()), converter.format_grammar()])
-    if len(text) > MAX_GRAMMAR_CHARS:
-        raise GrammarError(f"the grammar would be over {MAX_GRAMMAR_CHARS // 1024} KiB; simplify the schema")
+    if len(text) > MAX_GRAMMAR_CHARS or _nesting(text) > MAX_GRAMMAR_NESTING:
+        raise GrammarError(f"the grammar would be over {MAX_GRAMMAR_CHARS // 1024} KiB or nest over "
+                           f"{MAX_GRAMMAR_NESTING} deep; simplify the schema")
     return text + "\n"
 
 
@@ -448,18 +493,15 @@ def json_schema_grammar(schema: dict) -> str:
     return _finish(converter, {"root": _visit(converter, schema, "s-")})
 
 
-def json_object_grammar() -> str:
-    """GBNF for any JSON object (response_format json_object)."""
-    converter = _converter()
-    return _finish(converter, {"root": _visit(converter, {"type": "object"}, "s-")})
-
-
-def tool_call_grammar(tools: list[dict], tool_choice="auto", parallel: bool = True) -> str:
+def tool_call_grammar(tools: list[dict], tool_choice="auto", parallel: bool = True,
+                      answer: dict | None = None) -> str:
     """GBNF for tool calls in tool_calls.call_block's format.
 
     "required" or {"name": ...}: the output is one call (one or more when parallel) and nothing
     else. "auto": free text that never contains CALL_OPEN (it may end in part of it), optionally
-    followed by call(s): once the model opens a call, the grammar completes it."""
+    followed by call(s): once the model opens a call, the grammar completes it. With an ``answer``
+    schema (a JSON response_format beside the tools), "auto" is instead either the call(s) or a
+    JSON value valid against it."""
     if isinstance(tool_choice, dict):
         chosen = [t for t in tools if t["name"] == tool_choice.get("name")]
         if not chosen:
@@ -488,7 +530,12 @@ def tool_call_grammar(tools: list[dict], tool_choice="auto", parallel: bool = Tr
                    + gbnf_literal(f"}}\n{CALL_CLOSE}"),
         "tc-named": " | ".join(alternatives),
     }
-    if tool_choice == "auto":
+    if tool_choice == "auto" and answer is not None:
+        problem = schema_problem(answer, "response_format")
+        if problem:
+            raise GrammarError(problem)
+        rules = {"root": f"{_visit(converter, answer, 's-')} | tc-calls", **rules}
+    elif tool_choice == "auto":
         rules = {"root": "tc-text0", **_text_without_open_tag(), **rules}
     else:
         rules = {"root": "tc-calls", **rules}

@@ -24,7 +24,9 @@ Worker -> broker
                                               "pid", "worker_id"} (kind is "chat" or "embedding")
     HEARTBEAT  [EWP1, HEARTBEAT]              the worker is alive
     CHUNK      [EWP1, CHUNK, job, body]       a piece of output, sent as soon as it is generated:
-                                              chat {"text"}; embedding {"index", "embedding"};
+                                              chat {"index" (the choice), and "text", "tool_call",
+                                              "logprobs" and/or "finish_reason" (the choice's last)};
+                                              embedding {"index", "embedding"};
                                               chunk {"index", "text"} (+ "embedding" with "embed")
     DONE       [EWP1, DONE, job, body]        the job ended: {"finish_reason", "usage": {...}}
     ERROR      [EWP1, ERROR, job, body]       the job failed: {"code", "message", "param"}, code one of
@@ -32,8 +34,9 @@ Worker -> broker
     DISCONNECT [EWP1, DISCONNECT]             the worker is shutting down
 
 Broker -> worker
-    JOB        [EWP1, JOB, job, body]         {"kind", ...request fields...}: kind "chat",
-                                              "embedding", or "chunk" {"text", "capacity", "embed", "max_chunks"}
+    JOB        [EWP1, JOB, job, body]         {"kind", ...request fields...}: kind "chat" (which takes
+                                              job_slots() slots: one per choice), "embedding", or
+                                              "chunk" {"text", "capacity", "embed", "max_chunks"}
     CANCEL     [EWP1, CANCEL, job]            stop the job and free its slot; the worker answers DONE
                                               with finish_reason "cancelled" (or nothing if it never had it)
     HEARTBEAT  [EWP1, HEARTBEAT]              the broker is alive
@@ -131,7 +134,11 @@ MAX_COUNT = 2**31 - 1  # token counts, indexes, context sizes, pids
 MAX_EMBEDDING = 8192  # numbers in one embedding (sqlite-vec's most dimensions)
 MAX_FLOAT32 = 3.4028234663852886e38  # an embedding is stored and sent (base64) as float32
 MAX_ERROR_MESSAGE = 4096  # characters of an ERROR's message (it reaches the client)
-FINISH_REASONS = frozenset({"stop", "length", "cancelled", None})
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "cancelled", None})
+CHOICE_FINISH_REASONS = frozenset({"stop", "length", "tool_calls"})  # a chat choice's last CHUNK
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs bound)
+MAX_LOGPROB_ENTRIES = 256  # tokens' logprobs in one CHUNK (a worker sends them as their text is released)
+MAX_TOKEN_BYTES = 256  # bytes one token stands for
 
 _JOB_ID = re.compile(rb"\A[0-9a-f]{32}\Z")
 
@@ -245,21 +252,30 @@ def check_job_body(msg: Message) -> str | None:
     return f"{msg.name} is not a job message"
 
 
-def chunk_fields(job: dict) -> frozenset[str]:
-    """The fields every CHUNK answering ``job`` (a JOB body) must carry."""
+def job_slots(job: dict) -> int:
+    """The slots a job takes on a worker: a chat job one per choice ("n"), other jobs one."""
+    n = job.get("n", 1) if job.get("kind") == JOB_CHAT else 1
+    return n if _integer(n, 1, MAX_SLOTS) else 1
+
+
+def chunk_fields(job: dict) -> tuple[frozenset[str], frozenset[str]]:
+    """The fields every CHUNK answering ``job`` (a JOB body) must carry, and those it may carry."""
     if job.get("kind") == JOB_CHAT:
-        return frozenset({"text"})
+        return frozenset({"index"}), frozenset({"index", "text", "tool_call", "logprobs", "finish_reason"})
     if job.get("kind") == JOB_CHUNK:
-        return frozenset({"index", "text", "embedding"} if job.get("embed") else {"index", "text"})
-    return frozenset({"index", "embedding"})
+        fields = frozenset({"index", "text", "embedding"} if job.get("embed") else {"index", "text"})
+    else:
+        fields = frozenset({"index", "embedding"})
+    return fields, fields
 
 
 def _chunk_problem(body: dict) -> str | None:
-    """Chat: {"text"}; embedding: {"index", "embedding"}; chunking: {"index", "text"}, plus
-    "embedding" when the chunks are embedded too."""
+    """Chat: {"index"} with "text", "tool_call", "logprobs" and/or "finish_reason"; embedding:
+    {"index", "embedding"}; chunking: {"index", "text"}, plus "embedding" when the chunks are
+    embedded too. Which kind of job the chunk answers is checked by its request (chunk_fields)."""
+    if set(body) - _CHUNK_FIELDS or not set(body) & {"text", "embedding", "tool_call", "logprobs", "finish_reason"}:
+        return f"CHUNK holds 'index' with some of {sorted(_CHUNK_FIELDS - {'index'})}, and nothing else"
     text, index, embedding = body.get("text"), body.get("index"), body.get("embedding")
-    if set(body) - {"index", "text", "embedding"} or (text is None and embedding is None):
-        return "CHUNK holds 'text' and/or 'index' with 'embedding', and nothing else"
     if text is not None and not _text(text):
         return "CHUNK 'text' must be a string (of valid Unicode)"
     if index is not None and not _integer(index, 0, MAX_COUNT):
@@ -267,7 +283,49 @@ def _chunk_problem(body: dict) -> str | None:
     if embedding is not None and (index is None or not _vector(embedding)):
         return (f"CHUNK 'embedding' must be a list of 1 to {MAX_EMBEDDING} float32 numbers, not all zero, "
                 "with an 'index'")
+    if "tool_call" in body and not _tool_call_delta(body["tool_call"]):
+        return ("CHUNK 'tool_call' must be {\"index\", \"name\"} (a call starts) or {\"index\", \"arguments\"}, "
+                "with a valid name and an integer index")
+    if "logprobs" in body and not (isinstance(body["logprobs"], list)
+                                   and len(body["logprobs"]) <= MAX_LOGPROB_ENTRIES
+                                   and all(_logprob(e, top=True) for e in body["logprobs"])):
+        return (f"CHUNK 'logprobs' must be a list of at most {MAX_LOGPROB_ENTRIES} entries "
+                "{token, logprob <= 0, bytes, top_logprobs}")
+    if "finish_reason" in body and body["finish_reason"] not in CHOICE_FINISH_REASONS:
+        return f"CHUNK 'finish_reason' must be one of {sorted(CHOICE_FINISH_REASONS)}"
+    if set(body) & {"tool_call", "logprobs", "finish_reason"} and (index is None or embedding is not None):
+        return "a chat CHUNK carries its choice's 'index' and no 'embedding'"
     return None
+
+
+_CHUNK_FIELDS = {"index", "text", "embedding", "tool_call", "logprobs", "finish_reason"}
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
+
+
+def _tool_call_delta(value) -> bool:
+    if not isinstance(value, dict) or not _integer(value.get("index"), 0, MAX_COUNT):
+        return False
+    rest = set(value) - {"index"}
+    if rest == {"name"}:
+        return isinstance(value["name"], str) and _FUNCTION_NAME.fullmatch(value["name"]) is not None
+    return rest == {"arguments"} and _text(value["arguments"])
+
+
+def _logprob(entry, top: bool) -> bool:
+    """{"token", "logprob", "bytes"} (+ "top_logprobs", a list of such entries, when ``top``)."""
+    keys = {"token", "logprob", "bytes", "top_logprobs"} if top else {"token", "logprob", "bytes"}
+    if not isinstance(entry, dict) or set(entry) != keys or not _text(entry["token"], MAX_TOKEN_BYTES):
+        return False
+    lp, raw = entry["logprob"], entry["bytes"]
+    if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not -MAX_FLOAT32 <= lp <= 0:
+        return False
+    if not isinstance(raw, list) or len(raw) > MAX_TOKEN_BYTES or not all(_integer(b, 0, 255) for b in raw):
+        return False
+    if top:
+        alternatives = entry["top_logprobs"]
+        return isinstance(alternatives, list) and len(alternatives) <= MAX_TOP_LOGPROBS \
+            and all(_logprob(e, top=False) for e in alternatives)
+    return True
 
 
 def _vector(value) -> bool:

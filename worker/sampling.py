@@ -1,11 +1,17 @@
-"""Per-sequence sampler chains built from a request's sampling fields."""
+"""Choosing each next token: a request's sampling fields, its logit bias, its grammar (structured
+output and tool calls) and the log-probabilities it asked for, for one choice."""
 
 from __future__ import annotations
 
+import ctypes
+import math
 import random
 from dataclasses import dataclass
 
 import llama_cpp as lc
+import numpy as np
+
+BANNED = -100  # OpenAI's logit_bias: -100 bans a token, which adding -100 to a logit need not do
 
 
 @dataclass(frozen=True)
@@ -21,22 +27,85 @@ class SamplingParams:
     seed: int | None = None
 
     @classmethod
-    def from_request(cls, request: dict) -> "SamplingParams":
+    def from_request(cls, request: dict, choice: int = 0) -> "SamplingParams":
+        """The request's fields; choice i of a seeded request draws with seed + i, so n choices
+        are reproducible and differ from one another."""
         fields = {k: request[k] for k in cls.__dataclass_fields__ if request.get(k) is not None}
+        if fields.get("seed") is not None:
+            fields["seed"] += choice
         return cls(**fields)
 
 
-class SamplerChain:
-    """penalties -> top-k -> top-p -> min-p -> temperature -> draw (or greedy at temperature 0),
-    the order llama.cpp's own tools use. Owns its C object; call free() when done."""
+class GrammarError(ValueError):
+    """llama.cpp could not parse a grammar (it logs why)."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int):
+
+_CANDIDATE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+if _CANDIDATE.itemsize != ctypes.sizeof(lc.llama_token_data):
+    raise ImportError("llama_token_data's layout is not {int32 id, float logit, float p}")
+
+
+class Candidates:
+    """A llama_token_data_array over the whole vocabulary, filled from one output row's logits."""
+
+    def __init__(self, n_vocab: int):
+        self.ids = np.arange(n_vocab, dtype=np.int32)
+        self.data = np.zeros(n_vocab, dtype=_CANDIDATE)
+        self.array = lc.llama_token_data_array(
+            data=self.data.ctypes.data_as(lc.llama_token_data_p), size=n_vocab, selected=-1, sorted=False)
+        self.one = lc.llama_token_data_array(
+            data=ctypes.pointer(lc.llama_token_data(0, 0.0, 0.0)), size=1, selected=-1, sorted=False)
+
+    def fill(self, logits: np.ndarray) -> lc.llama_token_data_array:
+        self.data["id"] = self.ids  # samplers reorder the rows in place
+        self.data["logit"] = logits
+        self.data["p"] = 0.0
+        self.array.size = len(logits)
+        self.array.selected = -1
+        self.array.sorted = False
+        return self.array
+
+    def single(self, token: int) -> lc.llama_token_data_array:
+        self.one.data[0].id = token
+        self.one.data[0].logit = 0.0
+        self.one.size = 1
+        self.one.selected = -1
+        return self.one
+
+
+class TokenSampler:
+    """logit bias -> penalties -> top-k -> top-p -> min-p -> temperature -> draw (or greedy at
+    temperature 0), the order llama.cpp's own tools use, and an optional grammar.
+
+    With a grammar, a token is drawn as if there were none and then checked against it alone;
+    only when the grammar refuses it is the whole vocabulary filtered by the grammar and drawn
+    again (llama.cpp's common sampler does the same): checking 49k tokens against a grammar at
+    every step would cost more than the model's decode. Owns C objects; call free() when done."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int, *, vocab=None, grammar: str | None = None,
+                 logit_bias: dict[int, float] | None = None):
+        self.n_vocab = n_vocab
+        self.grammar = None
         chain_params = lc.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self.chain = lc.llama_sampler_chain_init(chain_params)
+        if grammar is not None:
+            self.grammar = lc.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+            if not self.grammar:
+                self.free()
+                raise GrammarError("llama.cpp could not parse the grammar")
+        self._build_chain(params, logit_bias or {})
+        self._candidates = Candidates(n_vocab) if self.grammar else None
+
+    def _build_chain(self, params: SamplingParams, logit_bias: dict[int, float]) -> None:
         add = lambda s: lc.llama_sampler_chain_add(self.chain, s)  # noqa: E731
+        if logit_bias:
+            biases = (lc.llama_logit_bias * len(logit_bias))(*(
+                lc.llama_logit_bias(token, -math.inf if bias <= BANNED else bias)
+                for token, bias in logit_bias.items()))
+            add(lc.llama_sampler_init_logit_bias(self.n_vocab, len(logit_bias), biases))
         if params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0:
-            add(lc.llama_sampler_init_penalties(n_vocab, params.penalty_last_n, params.repeat_penalty,
+            add(lc.llama_sampler_init_penalties(self.n_vocab, params.penalty_last_n, params.repeat_penalty,
                                                 params.frequency_penalty, params.presence_penalty))
         if params.temperature <= 0:
             add(lc.llama_sampler_init_greedy())
@@ -53,9 +122,51 @@ class SamplerChain:
 
     def sample(self, ctx, index: int) -> int:
         """Sample from the index-th output row of the last decode and accept the token."""
-        return lc.llama_sampler_sample(self.chain, ctx, index)
+        if self.grammar is None:
+            return lc.llama_sampler_sample(self.chain, ctx, index)
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
+        token = self._draw(self._candidates.fill(logits), grammar_first=False)
+        check = self._candidates.single(token)
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(check))
+        if math.isinf(check.data[0].logit):
+            token = self._draw(self._candidates.fill(logits), grammar_first=True)
+        lc.llama_sampler_accept(self.grammar, token)
+        lc.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _draw(self, candidates: lc.llama_token_data_array, grammar_first: bool) -> int:
+        if grammar_first:
+            lc.llama_sampler_apply(self.grammar, ctypes.byref(candidates))
+        lc.llama_sampler_apply(self.chain, ctypes.byref(candidates))
+        return int(candidates.data[candidates.selected].id)
 
     def free(self) -> None:
-        if self.chain:
-            lc.llama_sampler_free(self.chain)
-            self.chain = None
+        for name in ("chain", "grammar"):
+            sampler = getattr(self, name, None)
+            if sampler:
+                lc.llama_sampler_free(sampler)
+                setattr(self, name, None)
+
+
+def log_probs(ctx, index: int, n_vocab: int, token: int, top: int, piece) -> dict:
+    """OpenAI's logprobs entry for ``token`` drawn from the index-th output row: the model's
+    log-softmax over the raw logits (before bias, penalties and temperature), with the ``top``
+    likeliest tokens. ``piece(token)`` gives a token's bytes."""
+    logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(n_vocab,)).astype(np.float64)
+    peak = logits.max()
+    log_total = peak + math.log(np.exp(logits - peak).sum())
+    entry = _entry(token, logits[token] - log_total, piece)
+    alternatives = []
+    if top:
+        best = np.argpartition(-logits, top - 1)[:top]
+        best = best[np.argsort(-logits[best], kind="stable")]
+        alternatives = [_entry(int(t), logits[t] - log_total, piece) for t in best]
+    entry["top_logprobs"] = alternatives
+    return entry
+
+
+def _entry(token: int, logprob: float, piece) -> dict:
+    raw = piece(token)
+    # A logprob can underflow to -inf in float32 logits far below the peak; JSON has no -inf.
+    value = max(float(logprob), -9999.0) if math.isfinite(logprob) else -9999.0
+    return {"token": raw.decode("utf-8", "replace"), "logprob": min(value, 0.0), "bytes": list(raw)}

@@ -74,8 +74,8 @@ FIELDS: dict[str, Field] = {
     "top_p": Field(HONOURED, "0–1, default 1"),
     "tools": Field(HONOURED, f"≤ {MAX_TOOLS} `function` tools; `parameters` a JSON schema"),
     "tool_choice": Field(HONOURED, "`none`, `auto` (default with tools), `required`, or a named function; "
-                         "with `auto` and a JSON `response_format` the answer is a call or that JSON; tools beside a `grammar` are a "
-                         "400 unless `none`"),
+                         "with `auto` and a JSON `response_format` the answer is a call or that JSON; tools beside "
+                         "a `grammar` are a 400 unless `none`"),
     "metadata": Field(IGNORED, "nothing is stored", type=dict),
     "store": Field(IGNORED, "nothing is stored", type=bool),
     "user": Field(IGNORED, "an end-user id for OpenAI's abuse checks", type=str),

@@ -197,6 +197,7 @@ class EdgeLLM:
         call = parse_chat(body, self.limits)
         model = self.resolve_model(call.model, ewp.JOB_CHAT)
         check_chat_context(call, self.context_size(model), self.config.chars_per_token)
+        self.check_choices(call.n, model)
         model_config = self.config.model(model)
         if model_config and model_config.rag_collection and call.rag:
             if self.store.get_collection(model_config.rag_collection) is None:
@@ -208,7 +209,6 @@ class EdgeLLM:
                                            model=None, limit=self.config.retrieve_limit,
                                            score_threshold=self.config.score_threshold)
             call.job["messages"] = merge_context(call.job["messages"], hits, model_config)
-        self.check_choices(call.n, model)
         gone = disconnect_check(request.environ)
         answer = ChatAnswer.for_call(ChatResponder(model), call)
         if call.stream:
@@ -227,11 +227,13 @@ class EdgeLLM:
         return json_response(answer.completion(done))
 
     def check_choices(self, n: int, model: str) -> None:
-        """A request for n choices takes n slots of one worker."""
+        """A request for n choices takes n slots of one worker: of those registered, or else of those
+        the config will start. (A model registered by hand with no worker now: the broker refuses
+        the job if the worker that registers cannot take it.)"""
         workers = self.broker.snapshot().get(model, {}).get("workers") or []
         model_config = self.config.model(model)
-        slots = max((w["slots"] for w in workers), default=model_config.parallel if model_config else 1)
-        if n > slots:
+        slots = max((w["slots"] for w in workers), default=model_config.parallel if model_config else None)
+        if slots is not None and n > slots:
             raise bad_request(f"'n' is {n}; each choice takes a slot, and a worker of model '{model}' has "
                               f"{slots} slots (its parallel setting): ask for fewer choices", "n")
 

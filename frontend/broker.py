@@ -459,6 +459,9 @@ class Broker:
     def _dispatch(self) -> None:
         now = time.monotonic()
         for pool in self.pools.values():
+            for job in pool.unfit_jobs():
+                self._fail(job, ewp.INVALID_REQUEST, f"'n' is {job.slots}; each choice takes a slot, and no worker "
+                           f"of model '{pool.model}' has that many: ask for fewer choices", "n")
             for worker, job in pool.dispatch(now):
                 self._to_worker(worker.identity, ewp.JOB, job.job_id, job.body)
 

@@ -26,9 +26,7 @@ SYSTEM_FINGERPRINT = "fp_edgellm_1"
 MAX_STOP_STRINGS = 16
 MAX_N = 128  # choices per request; the server also checks n against the worker's slots
 MAX_TOOLS = 128
-MAX_TOOL_CALLS = 128  # per assistant message in the history, and per choice in an answer
 MAX_LOGIT_BIAS = 1024
-NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # tool and json_schema names, as OpenAI allows them
 TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")  # a logit_bias key: a decimal token id, no sign or leading zeros
 TEXT_ONLY_PARTS = {"image_url", "input_audio", "file"}
 
@@ -67,7 +65,7 @@ FIELDS: dict[str, Field] = {
     "seed": Field(HONOURED, "same seed and request on the same machine and load → same text (see "
                   "Determinism); choice i of `n` draws with seed + i"),
     "stop": Field(HONOURED, f"string or list (≤ {MAX_STOP_STRINGS}); the stop text is not returned, even "
-                  "when split across tokens"),
+                  "when split across tokens; a 400 beside a constrained answer (JSON, grammar, tools)"),
     "stream": Field(HONOURED, "server-sent events"),
     "stream_options": Field(HONOURED, "`include_usage`; `include_obfuscation` is accepted and ignored"),
     "temperature": Field(HONOURED, "0–2, default 1; 0 is greedy"),
@@ -193,8 +191,8 @@ def _history_tool_calls(value, i: int) -> list[dict]:
     param = f"messages[{i}].tool_calls"
     if not isinstance(value, list):
         raise bad_request(f"{param} must be a list of tool calls", param)
-    if len(value) > MAX_TOOL_CALLS:
-        raise bad_request(f"{param} may hold at most {MAX_TOOL_CALLS} calls", param,
+    if len(value) > ewp.MAX_TOOL_CALLS:
+        raise bad_request(f"{param} may hold at most {ewp.MAX_TOOL_CALLS} calls", param,
                           code="array_above_max_length")
     calls = []
     for k, call in enumerate(value):
@@ -300,7 +298,7 @@ def _response_format(value) -> dict | None:
     param = "response_format.json_schema"
     if not isinstance(spec, dict):
         raise bad_request(f"'{param}' must be an object with 'name' and 'schema'", param)
-    if not isinstance(spec.get("name"), str) or not NAME.fullmatch(spec["name"]):
+    if not isinstance(spec.get("name"), str) or not ewp.FUNCTION_NAME.fullmatch(spec["name"]):
         raise bad_request(f"{param}.name must be 1 to 64 letters, digits, '_' or '-'", f"{param}.name")
     if spec.get("description") is not None and not isinstance(spec["description"], str):
         raise bad_request(f"{param}.description must be a string", f"{param}.description")
@@ -339,7 +337,7 @@ def _tool(value, i: int) -> dict:
         raise bad_request(f"{param} must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}: only "
                           "function tools are supported", param)
     fn, param = value["function"], f"{param}.function"
-    if not isinstance(fn.get("name"), str) or not NAME.fullmatch(fn["name"]):
+    if not isinstance(fn.get("name"), str) or not ewp.FUNCTION_NAME.fullmatch(fn["name"]):
         raise bad_request(f"{param}.name must be 1 to 64 letters, digits, '_' or '-'", f"{param}.name")
     description = fn.get("description")
     if description is None:
@@ -469,6 +467,10 @@ def parse_chat(body: dict, limits: v.RequestLimits, endpoint: str = "chat") -> C
     }
     if job["repeat_penalty"] == 0:
         raise bad_request("'repeat_penalty' must be above 0 (1 disables it)", "repeat_penalty")
+    if job["stop"] and (job["output"] or job.get("tools")):
+        raise bad_request("'stop' cannot go with a constrained answer (response_format JSON, json_schema, grammar "
+                          "or tools): a stop string would cut the JSON or the call short; leave 'stop' out",
+                          "stop")
     if job["output"] and job["output"]["type"] == "grammar" and job.get("tools"):
         raise bad_request(f"tools (tool_choice {json.dumps(job['tool_choice'])}) and a GBNF 'grammar' are not "
                           "supported together: send one or the other, or tool_choice 'none'", "tool_choice")
@@ -588,8 +590,8 @@ class ChatAnswer:
             if k != len(choice.calls):
                 raise _protocol_error(f"tool call {k} started after {len(choice.calls)} calls (they count 0, 1, "
                                       "2...)")
-            if k >= MAX_TOOL_CALLS:
-                raise _protocol_error(f"more than {MAX_TOOL_CALLS} tool calls in one choice")
+            if k >= ewp.MAX_TOOL_CALLS:
+                raise _protocol_error(f"more than {ewp.MAX_TOOL_CALLS} tool calls in one choice")
             if not isinstance(value["name"], str) or value["name"] not in self.tool_names:
                 raise _protocol_error(f"a call to {str(value['name'])[:64]!r}, which is not one of the request's "
                                       "tools")
@@ -642,6 +644,10 @@ class ChatAnswer:
 
     def finish(self, done: dict) -> list[dict]:
         """The closing SSE chunks of the choices the worker's CHUNKs left open, with DONE's finish_reason."""
+        if done["finish_reason"] == "cancelled":
+            raise APIError("client_closed", "the job was cancelled before it was complete")
+        if done["finish_reason"] is None and any(c.finish_reason is None for c in self.choices):
+            raise _protocol_error("the job ended without a finish_reason for every choice")
         out = []
         for index, choice in enumerate(self.choices):
             if choice.finish_reason is None:

@@ -89,6 +89,15 @@ class ModelPool:
             sent.append((worker, job))
         return sent
 
+    def unfit_jobs(self) -> list[Job]:
+        """Take out the waiting jobs that need more slots than any of the model's workers has: they
+        would hold up the queue until they time out."""
+        most = max((w.slots for w in self.workers.values()), default=None)
+        unfit = [job for job in self.queue if most is not None and job.slots > most]
+        if unfit:
+            self.queue = deque(job for job in self.queue if job not in unfit)
+        return unfit
+
     def expired_jobs(self, now: float) -> list[Job]:
         """Take out every waiting job that has waited longer than queue_timeout. The whole queue is
         scanned (it holds at most queue_size jobs): a requeued job at its head is younger than the

@@ -237,7 +237,7 @@ def test_malformed_frames_are_dropped(context, make_broker, caplog):
     junk = context.socket(zmq.DEALER)
     junk.setsockopt(zmq.LINGER, 0)
     junk.connect(broker.worker_addr)
-    for frames in ([b"junk"], [b"EWP1"], [b"EWP1", b"\x99"], [ewp.PROTOCOL, ewp.READY, b"not json"],
+    for frames in ([b"junk"], [ewp.PROTOCOL], [ewp.PROTOCOL, b"\x99"], [ewp.PROTOCOL, ewp.READY, b"not json"],
                    [ewp.PROTOCOL, ewp.READY, b'{"model": 5}'], [ewp.PROTOCOL, ewp.CHUNK, b"nojobid", b"{}"],
                    [ewp.PROTOCOL, ewp.HEARTBEAT, b'{"free_slots": 1}']):
         junk.send_multipart(frames)

@@ -115,3 +115,42 @@ def test_a_grammar_that_does_not_parse_is_refused(engine):
                                   "output": {"type": "grammar", "grammar": "root ::= (("}})
     assert refused.value.param == "grammar"
     assert all(s.state.value == "idle" for s in engine._slots)
+
+
+def run_to_end(engine, request: dict) -> list:
+    engine.submit(job_id(9), {"kind": "chat", **request})
+    events = []
+    for _ in range(200):
+        if not engine.busy():
+            break
+        events += engine.step()
+    assert not engine.busy() and all(s.state.value == "idle" for s in engine._slots)
+    return events
+
+
+def test_banning_every_token_a_grammar_allows_is_a_coded_error_not_a_crash(engine):
+    [a] = engine.model.tokenize("a", add_special=False, parse_special=False)
+    events = run_to_end(engine, {"messages": QUESTION, "output": {"type": "grammar", "grammar": 'root ::= "a"'},
+                                 "logit_bias": {str(a): -100}})
+    [error] = [e for e in events if e.command == ewp.ERROR]
+    assert error.body["code"] == ewp.INVALID_REQUEST and error.body["param"] == "logit_bias"
+    bodies, _ = run(engine, {"messages": QUESTION, "max_tokens": 4})  # the engine goes on
+    assert bodies[0][-1]["finish_reason"] in ("stop", "length")
+
+
+def test_a_failure_in_one_choice_fails_the_whole_job_once(engine, monkeypatch):
+    engine.submit(job_id(10), {"kind": "chat", "messages": QUESTION, "n": 2, "max_tokens": 1})
+    job = engine._jobs[job_id(10)]
+
+    def broken(ctx, index):
+        raise RuntimeError("sampler bug")
+
+    monkeypatch.setattr(job.choices[1].sampler, "sample", broken)
+    events = []
+    for _ in range(200):
+        if not engine.busy():
+            break
+        events += engine.step()
+    assert not engine.busy() and all(s.state.value == "idle" for s in engine._slots)
+    assert [e.command for e in events if e.command != ewp.CHUNK] == [ewp.ERROR]
+    assert events[-1].body["code"] == ewp.INTERNAL_ERROR

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from frontend.chat_api import MAX_TOOL_CALLS, ChatAnswer, ChatResponder, parse_chat
+from frontend.chat_api import ChatAnswer, ChatResponder, parse_chat
+from worker import protocol as ewp
 from frontend.config import ServerConfig
 from frontend.errors import APIError
 from frontend.validation import RequestLimits
@@ -219,9 +220,9 @@ def test_logprobs_must_be_a_list():
 
 
 def test_tool_calls_per_choice_are_bounded():
-    chunks = [{"index": 0, "tool_call": {"index": k, "name": "time"}} for k in range(MAX_TOOL_CALLS + 1)]
+    chunks = [{"index": 0, "tool_call": {"index": k, "name": "time"}} for k in range(ewp.MAX_TOOL_CALLS + 1)]
     err = refused(chunks)
-    assert str(MAX_TOOL_CALLS) in err.message
+    assert str(ewp.MAX_TOOL_CALLS) in err.message
 
 
 def test_hostile_values_give_short_messages():
@@ -235,3 +236,12 @@ def test_the_json_answer_serializes():
     _, body, _, _ = run([START, {"index": 0, "tool_call": {"index": 0, "arguments": '{"a": "\u00e9"}'}},
                          {"index": 0, "finish_reason": "tool_calls"}])
     assert json.loads(json.dumps(body)) == body
+
+
+def test_a_cancelled_job_is_the_clients_doing_and_a_missing_finish_is_the_workers():
+    with pytest.raises(APIError) as caught:
+        answer().finish({**DONE, "finish_reason": "cancelled"})
+    assert caught.value.code == "client_closed"
+    with pytest.raises(APIError) as caught:
+        answer().finish({**DONE, "finish_reason": None})
+    assert caught.value.code == "worker_protocol_error"

@@ -117,7 +117,7 @@ def test_garbage_frames_are_dropped(faulty):
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(faulty.worker_addr)
-    for frames in ([b"junk"], [b"EWP1"], [b"EWP1", b"\x99"], [ewp.PROTOCOL, ewp.READY, b"not json"],
+    for frames in ([b"junk"], [ewp.PROTOCOL], [ewp.PROTOCOL, b"\x99"], [ewp.PROTOCOL, ewp.READY, b"not json"],
                    [ewp.PROTOCOL, ewp.READY, b'{"model": 5}'], [ewp.PROTOCOL, ewp.CHUNK, b"nojobid", b"{}"],
                    [ewp.PROTOCOL, ewp.DONE, b"0" * 32, b"[]"]):
         sock.send_multipart(frames)

@@ -96,3 +96,14 @@ def test_a_job_of_several_choices_waits_for_a_worker_with_a_slot_for_each():
     sent = pool.dispatch(now=0.0)
     assert [(w, j) for w, j in sent][0] == (three, big) and three.free() == 0
     assert [j.job_id for _, j in sent] == [f"{2:032x}", f"{3:032x}"]
+
+
+def test_a_job_no_worker_could_ever_take_is_taken_out():
+    pool = ModelPool("m", queue_size=8, queue_timeout=30)
+    assert pool.unfit_jobs() == []  # no worker yet: it may still come
+    big = Job(job_id=f"{1:032x}", client=b"c", model="m", body={}, enqueued=0.0, slots=5)
+    pool.enqueue(big)
+    pool.enqueue(job(2))
+    assert pool.unfit_jobs() == []
+    pool.add(worker("four", 4))
+    assert pool.unfit_jobs() == [big] and [j.job_id for j in pool.queue] == [f"{2:032x}"]

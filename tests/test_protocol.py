@@ -22,12 +22,12 @@ def test_round_trip():
 
 
 @pytest.mark.parametrize("frames", [
-    [], [b"EWP1"], [b"EWP0", ewp.HEARTBEAT], [b"EWP1", b"\x42"],
-    [b"EWP1", ewp.JOB, b"{}"], [b"EWP1", ewp.JOB, b"not-a-job-id", b"{}"],
-    [b"EWP1", ewp.JOB, JOB_ID.encode()], [b"EWP1", ewp.JOB, JOB_ID.encode(), b"{", b"}"],
-    [b"EWP1", ewp.CHUNK, JOB_ID.encode(), b"\xff"], [b"EWP1", ewp.CHUNK, JOB_ID.encode(), b"[1]"],
-    [b"EWP1", ewp.CANCEL, JOB_ID.encode(), b"{}"], [b"EWP1", ewp.DISCONNECT, b"extra"],
-    [b"EWP1", ewp.HEARTBEAT, b'{"free_slots": 1}'],  # heartbeats carry no body, either way
+    [], [ewp.PROTOCOL], [b"EWP0", ewp.HEARTBEAT], [ewp.PROTOCOL, b"\x42"], [b"EWP1", ewp.HEARTBEAT],
+    [ewp.PROTOCOL, ewp.JOB, b"{}"], [ewp.PROTOCOL, ewp.JOB, b"not-a-job-id", b"{}"],
+    [ewp.PROTOCOL, ewp.JOB, JOB_ID.encode()], [ewp.PROTOCOL, ewp.JOB, JOB_ID.encode(), b"{", b"}"],
+    [ewp.PROTOCOL, ewp.CHUNK, JOB_ID.encode(), b"\xff"], [ewp.PROTOCOL, ewp.CHUNK, JOB_ID.encode(), b"[1]"],
+    [ewp.PROTOCOL, ewp.CANCEL, JOB_ID.encode(), b"{}"], [ewp.PROTOCOL, ewp.DISCONNECT, b"extra"],
+    [ewp.PROTOCOL, ewp.HEARTBEAT, b'{"free_slots": 1}'],  # heartbeats carry no body, either way
 ])
 def test_malformed_frames_raise_protocol_error(frames):
     with pytest.raises(ewp.ProtocolError):

@@ -883,6 +883,8 @@ def test_no_tools():
     ({"tools": [tool("a")], "parallel_tool_calls": "yes"}, "parallel_tool_calls", []),
     ({"tools": [tool("a")], "tool_choice": "required", "grammar": "root ::= x"}, "tool_choice",
      ["not supported together"]),
+    ({"tools": [tool("a")], "stop": "\n"}, "stop", ["cut"]),
+    ({"response_format": {"type": "json_object"}, "stop": ["}"]}, "stop", ["cut"]),
 ])
 def test_bad_tools(fields, param, words):
     api_error(parse_chat, {"messages": [USER], **fields}, param=param, mentions=words)

@@ -183,3 +183,24 @@ def test_template_path_gives_the_template_openai_shapes():
     assert '(call call_1 get_weather {"city": "Paris"})(call call_2 get_weather {"city": "Rome"})' in text
     assert "<tool>sunny, 21 C(result of call_1 get_weather)</tool>" in text
     assert "<tools>" not in template.render(messages)  # no tools: the variable stays undefined
+
+
+def test_a_choice_ends_at_a_repeated_call_and_at_the_most_calls():
+    from worker import protocol as ewp
+    from worker.chat_output import ChoiceOutput
+    from worker.tool_calls import call_block
+    out = ChoiceOutput(0, [], tools=True)
+    bodies = out.feed(call_block("f", '{"a": 1}').encode() + b"\n")
+    bodies += out.feed(call_block("f", '{"a": 2}').encode() + b"\n")
+    assert not out.stopped
+    bodies += out.feed(call_block("f", '{"a": 1}').encode())
+    assert out.stopped
+    bodies += out.finish("stop")
+    starts = [b["tool_call"]["name"] for b in bodies if "name" in b.get("tool_call", {})]
+    assert starts == ["f", "f"] and bodies[-1]["finish_reason"] == "tool_calls"
+    many = ChoiceOutput(0, [], tools=True)
+    for k in range(ewp.MAX_TOOL_CALLS + 1):
+        many.feed(call_block("f", f'{{"a": {k}}}').encode() + b"\n")
+    assert many.stopped
+    sent = [b for b in many.finish("stop")]
+    assert all(b.get("tool_call", {}).get("index", 0) < ewp.MAX_TOOL_CALLS for b in sent)

@@ -41,7 +41,7 @@ from worker.chat_output import ChoiceOutput
 from worker.chat_template import ChatTemplate, TemplateError
 from worker.loop import Event, JobError
 from worker.model import LoadedModel, ModelLoadError
-from worker.sampling import GrammarError, SamplingParams, TokenSampler, log_probs
+from worker.sampling import DeadEnd, SamplingParams, TokenSampler, log_probs
 from worker.settings import ModelSettings
 from worker.tool_calls import RESPONSE_OPEN, prepare_messages, template_uses_tools
 
@@ -67,7 +67,6 @@ RUNNING = (SlotState.WAITING, SlotState.PREFILLING, SlotState.GENERATING)
 
 @dataclass(eq=False)
 class Choice:
-    index: int
     sampler: TokenSampler
     output: ChoiceOutput
     next_token: int | None = None  # sampled, not yet decoded
@@ -88,6 +87,7 @@ class ChatJob:
     # this job: one whose choice ended may already serve another job (see ChatEngine._held).
     slots: list = field(default_factory=list)
     cancelled: bool = False
+    ended: bool = False  # its DONE or ERROR was reported
 
 
 @dataclass(eq=False)
@@ -192,14 +192,14 @@ class ChatEngine:
     def step(self) -> list[Event]:
         events: list[Event] = []
         for job in list(self._jobs.values()):
-            if job.cancelled:
+            if job.cancelled and not job.ended:
                 events.extend(self._cancelled(job))
         outputs = self._build_batch(events)
         if self._batch.n_tokens:
             self._decode(events)
         for index, slot in outputs:
             if slot.state in (SlotState.PREFILLING, SlotState.GENERATING):
-                with self._failing([slot], events, "sampling"):
+                with self._failing(self._held(slot.job), events, "sampling"):
                     events.extend(self._sample(slot, index))
         for slot in self._slots:
             if slot.state is SlotState.DONE:
@@ -222,8 +222,8 @@ class ChatEngine:
             for i in range(n):
                 sampler = TokenSampler(SamplingParams.from_request(request, i), self.model.n_vocab,
                                        vocab=self.model.vocab, grammar=grammar, logit_bias=bias)
-                choices.append(Choice(i, sampler, ChoiceOutput(i, stop, tools=tools)))
-        except GrammarError as exc:
+                choices.append(Choice(sampler, ChoiceOutput(i, stop, tools=tools)))
+        except grammars.GrammarError as exc:
             for choice in choices:
                 choice.sampler.free()
             raise JobError(ewp.INVALID_REQUEST, f"{exc}: check '{param}'", param) from None
@@ -348,7 +348,11 @@ class ChatEngine:
 
     def _sample_choice(self, slot: Slot, index: int) -> list[Event]:
         job, choice = slot.job, slot.choice
-        token = choice.sampler.sample(self.model.ctx, index)
+        try:
+            token = choice.sampler.sample(self.model.ctx, index)
+        except DeadEnd as exc:
+            raise JobError(ewp.INVALID_REQUEST, f"{exc}: the answer cannot go on; ban fewer tokens",
+                           "logit_bias") from None
         if self.model.is_eog(token):
             return self._finish(slot, "stop")
         choice.n_generated += 1
@@ -388,6 +392,7 @@ class ChatEngine:
         return [self._done(job, "cancelled")]
 
     def _done(self, job: ChatJob, reason: str) -> Event:
+        job.ended = True
         generated = sum(c.n_generated for c in job.choices)
         usage = {"prompt_tokens": len(job.prompt), "completion_tokens": generated,
                  "total_tokens": len(job.prompt) + generated,
@@ -396,20 +401,26 @@ class ChatEngine:
 
     @contextmanager
     def _failing(self, slots: list[Slot], events: list[Event], phase: str):
-        """Run a phase; if it raises, fail the jobs of ``slots`` that are still running (each
-        choice of them: a job answers whole or not at all)."""
+        """Run a phase; if it raises, fail the jobs of ``slots`` that have not ended, every choice
+        of them (a job answers whole or not at all): a JobError with its code, anything else as
+        internal_error."""
         try:
             yield
         except Exception as exc:  # a bug or a llama.cpp failure must not take the worker down
-            jobs = list({id(s.job): s.job for s in slots if s.job is not None and s.state in RUNNING}.values())
-            log.exception("%s failed for %d job(s)", phase, len(jobs))
+            jobs = list({id(s.job): s.job for s in slots if s.job is not None and not s.job.ended}.values())
+            if isinstance(exc, JobError):
+                body = ewp.error_body(exc.code, exc.message, exc.param)
+            else:
+                log.exception("%s failed for %d job(s)", phase, len(jobs))
+                body = ewp.error_body(ewp.INTERNAL_ERROR,
+                                      f"the worker failed while {phase} ({type(exc).__name__}: {exc})")
             for job in jobs:
+                job.ended = True
                 for slot in self._held(job):
-                    if slot.state in RUNNING:
+                    if slot.state is not SlotState.IDLE:
                         self._forget_cache(slot)
                         slot.state = SlotState.DONE
-                events.append(Event(job.job_id, ewp.ERROR, ewp.error_body(
-                    ewp.INTERNAL_ERROR, f"the worker failed while {phase} ({type(exc).__name__}: {exc})")))
+                events.append(Event(job.job_id, ewp.ERROR, body))
 
     def _forget_cache(self, slot: Slot) -> None:
         """Drop the sequence's KV cache: after a failure it may not match ``cached``."""
@@ -436,9 +447,10 @@ class ChatEngine:
         """The prompt's tokens: the template's markup tokenized with special tokens parsed, each
         message's content as plain text, so a user's "<|im_start|>" is text, not a turn (see
         ChatTemplate.render_pieces, also for the token boundaries this gives). Special-token
-        parsing (quadratic in llama.cpp) only ever sees the template's short pieces, so
-        tokenizing stays linear in the messages. Tools reach the prompt through the template
-        when it renders them, else as our own description (worker/tool_calls.py)."""
+        parsing (quadratic in llama.cpp) only sees the template's markup: its short pieces, and,
+        with a template that renders tools, the tools and calls it writes (bounded by the front
+        end's context check). Tools reach the prompt through the template when it renders them,
+        else as our own description (worker/tool_calls.py)."""
         messages, tools = prepare_messages(request.get("messages") or [], request.get("tools"),
                                            request.get("tool_choice", "auto"),
                                            request.get("parallel_tool_calls", True), self.template_tools)

@@ -4,7 +4,7 @@ read from that text, and the tokens' log-probabilities, sent with the first chun
 
 A small model allowed parallel tool calls tends to repeat its call until max_tokens. So a call
 after the first is sent only once it is whole, and a call identical to an earlier one (same
-name, same arguments) is dropped and ends the choice."""
+name, same arguments) is dropped and ends the choice, as does a call past MAX_TOOL_CALLS."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ class ChoiceOutput:
         self._made: set[tuple[str, str]] = set()  # (name, arguments) of the whole calls so far
         self._call: tuple[int, str, list[str]] | None = None  # the call being read: index, name, fragments
         self._held: list[dict] = []  # its bodies, when it is not the first call
-        self.repeated = False
+        self.calls_over = False  # a call repeated an earlier one, or would be one too many
 
     @property
     def stopped(self) -> bool:
-        """A stop string was generated, or a call repeated an earlier one: the choice ends."""
-        return self.text.stopped or self.repeated
+        """A stop string was generated, or the calls are over: the choice ends."""
+        return self.text.stopped or self.calls_over
 
     def feed(self, data: bytes, logprob: dict | None = None) -> list[dict]:
         """A generated token's bytes (and its logprobs entry): the CHUNK bodies to send now."""
@@ -63,13 +63,16 @@ class ChoiceOutput:
             events += self.calls.finish()
         bodies: list[dict] = []
         for event in events:
-            if self.repeated:
+            if self.calls_over:
                 break
             if event[0] == "text":
                 bodies += self._end_call()
                 bodies.append({"index": self.index, "text": event[1]})
             elif event[0] == "call":
                 bodies += self._end_call()
+                if event[1] >= ewp.MAX_TOOL_CALLS:
+                    self.calls_over = True
+                    break
                 self._call = (event[1], event[2], [])
                 self._out(bodies, {"index": self.index, "tool_call": {"index": event[1], "name": event[2]}})
             else:
@@ -92,7 +95,7 @@ class ChoiceOutput:
         held, self._held, self._call = self._held, [], None
         key = (name, "".join(fragments))
         if not cut and key in self._made:
-            self.repeated = True
+            self.calls_over = True
             return []
         self._made.add(key)
         if len(held) > 2:  # the name, then the arguments in one piece

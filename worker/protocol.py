@@ -1,4 +1,8 @@
-"""The edgellm worker protocol (EWP), version 1: everything that crosses ZeroMQ.
+"""The edgellm worker protocol (EWP), version 2: everything that crosses ZeroMQ.
+
+Version 2 (issue 9) changed chat CHUNKs: they carry the choice's "index" (a job may have several
+choices), tool-call pieces, logprobs and each choice's finish_reason. A worker of version 1
+speaks a protocol the broker drops, so old remote workers must be upgraded with the server.
 
 Written in the manner of the ZeroMQ guide's Majordomo (MDP.py): one module names the
 version, the message types and the frame layout, and holds the functions that build and
@@ -14,33 +18,33 @@ below.
 
 Frames (after the ROUTER's identity frame)
 ------------------------------------------
-    Frame 0: b"EWP1"            protocol and version; a message with any other value is dropped
+    Frame 0: b"EWP2"            protocol and version; a message with any other value is dropped
     Frame 1: command            one byte, one of the constants below
     Frame 2: job id             ASCII, 32 hex digits (uuid4().hex); only on job messages
     Frame 3: body               UTF-8 JSON object; see each command
 
 Worker -> broker
-    READY      [EWP1, READY, body]           registration: {"model", "kind", "slots", "n_ctx",
+    READY      [EWP2, READY, body]           registration: {"model", "kind", "slots", "n_ctx",
                                               "pid", "worker_id"} (kind is "chat" or "embedding")
-    HEARTBEAT  [EWP1, HEARTBEAT]              the worker is alive
-    CHUNK      [EWP1, CHUNK, job, body]       a piece of output, sent as soon as it is generated:
+    HEARTBEAT  [EWP2, HEARTBEAT]              the worker is alive
+    CHUNK      [EWP2, CHUNK, job, body]       a piece of output, sent as soon as it is generated:
                                               chat {"index" (the choice), and "text", "tool_call",
                                               "logprobs" and/or "finish_reason" (the choice's last)};
                                               embedding {"index", "embedding"};
                                               chunk {"index", "text"} (+ "embedding" with "embed")
-    DONE       [EWP1, DONE, job, body]        the job ended: {"finish_reason", "usage": {...}}
-    ERROR      [EWP1, ERROR, job, body]       the job failed: {"code", "message", "param"}, code one of
+    DONE       [EWP2, DONE, job, body]        the job ended: {"finish_reason", "usage": {...}}
+    ERROR      [EWP2, ERROR, job, body]       the job failed: {"code", "message", "param"}, code one of
                                               ERROR_CODES; nothing else in the body reaches the client
-    DISCONNECT [EWP1, DISCONNECT]             the worker is shutting down
+    DISCONNECT [EWP2, DISCONNECT]             the worker is shutting down
 
 Broker -> worker
-    JOB        [EWP1, JOB, job, body]         {"kind", ...request fields...}: kind "chat" (which takes
+    JOB        [EWP2, JOB, job, body]         {"kind", ...request fields...}: kind "chat" (which takes
                                               job_slots() slots: one per choice), "embedding", or
                                               "chunk" {"text", "capacity", "embed", "max_chunks"}
-    CANCEL     [EWP1, CANCEL, job]            stop the job and free its slot; the worker answers DONE
+    CANCEL     [EWP2, CANCEL, job]            stop the job and free its slot; the worker answers DONE
                                               with finish_reason "cancelled" (or nothing if it never had it)
-    HEARTBEAT  [EWP1, HEARTBEAT]              the broker is alive
-    DISCONNECT [EWP1, DISCONNECT]             forget me and register again (sent to unknown workers)
+    HEARTBEAT  [EWP2, HEARTBEAT]              the broker is alive
+    DISCONNECT [EWP2, DISCONNECT]             forget me and register again (sent to unknown workers)
 
 Checks
 ------
@@ -71,7 +75,7 @@ from dataclasses import dataclass
 
 from worker.strict_json import has_lone_surrogate, nests_deeper_than, refuse_constant
 
-PROTOCOL = b"EWP1"
+PROTOCOL = b"EWP2"
 
 READY = b"\x01"
 HEARTBEAT = b"\x02"
@@ -139,6 +143,8 @@ CHOICE_FINISH_REASONS = frozenset({"stop", "length", "tool_calls"})  # a chat ch
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs bound)
 MAX_LOGPROB_ENTRIES = 256  # tokens' logprobs in one CHUNK (a worker sends them as their text is released)
 MAX_TOKEN_BYTES = 256  # bytes one token stands for
+MAX_TOOL_CALLS = 128  # tool calls in one choice (and in one assistant message of a history)
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's (and a schema's) name
 
 _JOB_ID = re.compile(rb"\A[0-9a-f]{32}\Z")
 
@@ -299,15 +305,14 @@ def _chunk_problem(body: dict) -> str | None:
 
 
 _CHUNK_FIELDS = {"index", "text", "embedding", "tool_call", "logprobs", "finish_reason"}
-_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 
 
 def _tool_call_delta(value) -> bool:
-    if not isinstance(value, dict) or not _integer(value.get("index"), 0, MAX_COUNT):
+    if not isinstance(value, dict) or not _integer(value.get("index"), 0, MAX_TOOL_CALLS - 1):
         return False
     rest = set(value) - {"index"}
     if rest == {"name"}:
-        return isinstance(value["name"], str) and _FUNCTION_NAME.fullmatch(value["name"]) is not None
+        return isinstance(value["name"], str) and FUNCTION_NAME.fullmatch(value["name"]) is not None
     return rest == {"arguments"} and _text(value["arguments"])
 
 

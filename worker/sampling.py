@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import llama_cpp as lc
 import numpy as np
 
+from worker.grammar import GrammarError
+from worker.protocol import MAX_TOKEN_BYTES
+
 BANNED = -100  # OpenAI's logit_bias: -100 bans a token, which adding -100 to a logit need not do
 
 
@@ -36,8 +39,9 @@ class SamplingParams:
         return cls(**fields)
 
 
-class GrammarError(ValueError):
-    """llama.cpp could not parse a grammar (it logs why)."""
+class DeadEnd(ValueError):
+    """Every token the grammar allows here is banned (logit_bias): nothing may be drawn. (llama.cpp
+    aborts the process if a grammar is handed a token it refused, so none ever is.)"""
 
 
 _CANDIDATE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
@@ -93,7 +97,7 @@ class TokenSampler:
             self.grammar = lc.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
             if not self.grammar:
                 self.free()
-                raise GrammarError("llama.cpp could not parse the grammar")
+                raise GrammarError("llama.cpp could not parse the grammar (its log says where)")
         self._build_chain(params, logit_bias or {})
         self._candidates = Candidates(n_vocab) if self.grammar else None
 
@@ -130,15 +134,20 @@ class TokenSampler:
         lc.llama_sampler_apply(self.grammar, ctypes.byref(check))
         if math.isinf(check.data[0].logit):
             token = self._draw(self._candidates.fill(logits), grammar_first=True)
+            if token is None:
+                raise DeadEnd("every token the grammar allows here is banned by logit_bias")
         lc.llama_sampler_accept(self.grammar, token)
         lc.llama_sampler_accept(self.chain, token)
         return token
 
-    def _draw(self, candidates: lc.llama_token_data_array, grammar_first: bool) -> int:
+    def _draw(self, candidates: lc.llama_token_data_array, grammar_first: bool) -> int | None:
+        """The token the chain draws (after the grammar when ``grammar_first``), or None if every
+        candidate was ruled out (a draw among -inf logits picks one all the same)."""
         if grammar_first:
             lc.llama_sampler_apply(self.grammar, ctypes.byref(candidates))
         lc.llama_sampler_apply(self.chain, ctypes.byref(candidates))
-        return int(candidates.data[candidates.selected].id)
+        chosen = candidates.data[candidates.selected]
+        return None if grammar_first and math.isinf(chosen.logit) else int(chosen.id)
 
     def free(self) -> None:
         for name in ("chain", "grammar"):
@@ -166,7 +175,7 @@ def log_probs(ctx, index: int, n_vocab: int, token: int, top: int, piece) -> dic
 
 
 def _entry(token: int, logprob: float, piece) -> dict:
-    raw = piece(token)
+    raw = piece(token)[:MAX_TOKEN_BYTES]  # the protocol's bound; no real token comes near it
     # A logprob can underflow to -inf in float32 logits far below the peak; JSON has no -inf.
     value = max(float(logprob), -9999.0) if math.isfinite(logprob) else -9999.0
     return {"token": raw.decode("utf-8", "replace"), "logprob": min(value, 0.0), "bytes": list(raw)}

@@ -41,7 +41,7 @@ def _arguments_value(arguments):
         return arguments
     try:
         return json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can read
         return arguments
 
 

@@ -15,6 +15,10 @@ from worker.grammar import GrammarError
 from worker.protocol import MAX_TOKEN_BYTES
 
 BANNED = -100  # OpenAI's logit_bias: -100 bans a token, which adding -100 to a logit need not do
+# When the grammar refuses the drawn token, the likeliest this many tokens (by logit, with the
+# request's logit bias) are checked against it first: the whole vocabulary (49k tokens for
+# SmolLM2) only when none of them may come next.
+SHORTLIST = 128
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ if _CANDIDATE.itemsize != ctypes.sizeof(lc.llama_token_data):
 
 
 class Candidates:
-    """A llama_token_data_array over the whole vocabulary, filled from one output row's logits."""
+    """A llama_token_data_array over the vocabulary (or a shortlist of it), filled from one output
+    row's logits."""
 
     def __init__(self, n_vocab: int):
         self.ids = np.arange(n_vocab, dtype=np.int32)
@@ -60,11 +65,14 @@ class Candidates:
         self.one = lc.llama_token_data_array(
             data=ctypes.pointer(lc.llama_token_data(0, 0.0, 0.0)), size=1, selected=-1, sorted=False)
 
-    def fill(self, logits: np.ndarray) -> lc.llama_token_data_array:
-        self.data["id"] = self.ids  # samplers reorder the rows in place
-        self.data["logit"] = logits
-        self.data["p"] = 0.0
-        self.array.size = len(logits)
+    def fill(self, logits: np.ndarray, only: np.ndarray | None = None) -> lc.llama_token_data_array:
+        """The candidates: every token, or the token ids in ``only``."""
+        ids = self.ids if only is None else only
+        n = len(ids)
+        self.data["id"][:n] = ids  # samplers reorder the rows in place
+        self.data["logit"][:n] = logits[ids]
+        self.data["p"][:n] = 0.0
+        self.array.size = n
         self.array.selected = -1
         self.array.sorted = False
         return self.array
@@ -82,9 +90,13 @@ class TokenSampler:
     temperature 0), the order llama.cpp's own tools use, and an optional grammar.
 
     With a grammar, a token is drawn as if there were none and then checked against it alone;
-    only when the grammar refuses it is the whole vocabulary filtered by the grammar and drawn
-    again (llama.cpp's common sampler does the same): checking 49k tokens against a grammar at
-    every step would cost more than the model's decode. Owns C objects; call free() when done."""
+    only when the grammar refuses it are candidates filtered by the grammar and drawn again
+    (llama.cpp's common sampler does the same): first the SHORTLIST likeliest tokens, the whole
+    vocabulary only if the grammar allows none of those. Checking 49k tokens against a grammar
+    at every step would cost more than the model's decode. At temperature 0 this draws exactly
+    what filtering everything would; when sampling, the draw is among the shortlist's allowed
+    tokens, which top-k (40 by default) and min-p narrow further anyway. Owns C objects; call
+    free() when done."""
 
     def __init__(self, params: SamplingParams, n_vocab: int, *, vocab=None, grammar: str | None = None,
                  logit_bias: dict[int, float] | None = None):
@@ -100,6 +112,9 @@ class TokenSampler:
                 raise GrammarError("llama.cpp could not parse the grammar (its log says where)")
         self._build_chain(params, logit_bias or {})
         self._candidates = Candidates(n_vocab) if self.grammar else None
+        self._biased = np.array(list(logit_bias or {}), dtype=np.int32)
+        self._biases = np.array([-np.inf if b <= BANNED else b for b in (logit_bias or {}).values()],
+                                dtype=np.float32)
 
     def _build_chain(self, params: SamplingParams, logit_bias: dict[int, float]) -> None:
         add = lambda s: lc.llama_sampler_chain_add(self.chain, s)  # noqa: E731
@@ -133,12 +148,21 @@ class TokenSampler:
         check = self._candidates.single(token)
         lc.llama_sampler_apply(self.grammar, ctypes.byref(check))
         if math.isinf(check.data[0].logit):
-            token = self._draw(self._candidates.fill(logits), grammar_first=True)
+            token = self._draw(self._candidates.fill(logits, self._shortlist(logits)), grammar_first=True)
+            if token is None:
+                token = self._draw(self._candidates.fill(logits), grammar_first=True)
             if token is None:
                 raise DeadEnd("every token the grammar allows here is banned by logit_bias")
         lc.llama_sampler_accept(self.grammar, token)
         lc.llama_sampler_accept(self.chain, token)
         return token
+
+    def _shortlist(self, logits: np.ndarray) -> np.ndarray:
+        """The SHORTLIST likeliest token ids, the request's logit bias applied."""
+        if len(self._biased):
+            logits = logits.copy()
+            logits[self._biased] += self._biases
+        return np.argpartition(logits, -SHORTLIST)[-SHORTLIST:].astype(np.int32)
 
     def _draw(self, candidates: lc.llama_token_data_array, grammar_first: bool) -> int | None:
         """The token the chain draws (after the grammar when ``grammar_first``), or None if every

@@ -29,13 +29,14 @@ from frontend import validation as v
 from frontend.access import AccessPolicy, exposure_warnings
 from frontend.broker import Broker, BrokerLimits, RemoteListener, Watchdog
 from frontend.chat_api import ChatAnswer, ChatResponder, check_chat_context, parse_chat
+from frontend.completions_api import CompletionAnswer, check_completion_context, parse_completion
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import check_input_context, embeddings_response, parse_embeddings
 from frontend.errors import APIError, as_api_error, bad_request, error_response
 from frontend.files_api import file_list, file_object
 from frontend.filenames import clean_filename, content_disposition
 from frontend.http_server import HTTPLimits, HTTPServer
-from frontend.jobs import JobClient, JobRunner, disconnect_check, in_order
+from frontend.jobs import JobClient, JobGroup, JobRunner, disconnect_check, in_order
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context, parse_chunk_capacity
 from frontend.request_body import read_json
 from frontend.supervisor import Supervisor
@@ -83,6 +84,7 @@ class EdgeLLM:
                                    allowed_hosts=config.allowed_hosts, bind_host=config.host)
         self.url_map = Map([
             Rule("/v1/chat/completions", endpoint="chat_completions", methods=["POST"]),
+            Rule("/v1/completions", endpoint="completions", methods=["POST"]),
             Rule("/v1/embeddings", endpoint="embeddings", methods=["POST"]),
             Rule("/v1/retrieve", endpoint="retrieve", methods=["POST"]),
             Rule("/v1/models", endpoint="models", methods=["GET", "POST"]),
@@ -256,6 +258,50 @@ class EdgeLLM:
             yield sse(as_api_error(exc).body())
         finally:
             client.close()  # also runs when the client disconnects: the job is cancelled
+        yield sse("[DONE]")
+
+    # -- completions (a chat job on a raw prompt) ---------------------------------------
+    def on_completions(self, request: Request) -> Response:
+        call = parse_completion(self.json_body(request))
+        model = self.resolve_model(call.model, ewp.JOB_CHAT)
+        check_completion_context(call, self.context_size(model), self.config.chars_per_token)
+        self.check_choices(call.n, model)
+        answer = CompletionAnswer(model, call)
+        group = JobGroup(self.jobs, model, call.jobs, disconnect_check(request.environ))
+        messages = group.messages()
+        try:
+            if call.stream:  # the first message decides the status: a 200 only once a job answered
+                opening = self._completion_chunks(answer, *next(messages))
+                return Response(self._stream_completion(group, messages, answer, opening, call.include_usage),
+                                mimetype="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            for job, msg in messages:
+                self._completion_chunks(answer, job, msg)
+            group.close()
+            return json_response(answer.completion())
+        except BaseException:
+            group.close()
+            raise
+
+    @staticmethod
+    def _completion_chunks(answer: CompletionAnswer, job: int, msg: ewp.Message) -> list[dict]:
+        return answer.add(job, msg.body) if msg.command == ewp.CHUNK else answer.finish(job, msg.body)
+
+    def _stream_completion(self, group: JobGroup, messages, answer: CompletionAnswer, opening: list[dict],
+                           include_usage: bool):
+        """Server-sent events; runs after the 200 is committed, so errors become an error event."""
+        try:
+            for chunk in opening:
+                yield sse(chunk)
+            for job, msg in messages:
+                for chunk in self._completion_chunks(answer, job, msg):
+                    yield sse(chunk)
+            if include_usage:
+                yield sse(answer.usage_chunk())
+        except Exception as exc:  # after the 200: the error goes in the stream
+            yield sse(as_api_error(exc).body())
+        finally:
+            group.close()  # also runs when the client disconnects: the jobs still running are cancelled
         yield sse("[DONE]")
 
     # -- embeddings and retrieval --------------------------------------------------------

@@ -104,17 +104,18 @@ FIELDS: dict[str, Field] = {
 }
 
 
-def fields_table() -> str:
-    """FIELDS as the README's Markdown table (tests check the README holds exactly this)."""
+def fields_table(table: dict[str, Field] = FIELDS) -> str:
+    """A field table (FIELDS by default) as the README's Markdown table (tests check the README
+    holds exactly this)."""
     rows = ["| field | handling | notes |", "| --- | --- | --- |"]
-    rows += [f"| `{name}` | {f.handling} | {f.note} |" for name, f in FIELDS.items()]
+    rows += [f"| `{name}` | {f.handling} | {f.note} |" for name, f in table.items()]
     return "\n".join(rows)
 
 
-def check_fields(body: dict, endpoint: str = "chat") -> None:
-    """Every field of ``body`` is in FIELDS for this endpoint; refused fields are absent (or null)."""
+def check_fields(body: dict, endpoint: str = "chat", table: dict[str, Field] = FIELDS) -> None:
+    """Every field of ``body`` is in ``table`` for this endpoint; refused fields are absent (or null)."""
     for name, value in body.items():
-        rule = FIELDS.get(name)
+        rule = table.get(name)
         if rule is None or rule.endpoint not in ("chat", endpoint):
             shown = name if len(name) <= 64 else name[:64] + "..."
             raise bad_request(f"unrecognized request argument supplied: {shown}", shown)
@@ -408,6 +409,36 @@ def parse_logit_bias(body: dict) -> dict | None:
     return dict(value) or None
 
 
+def parse_sampling(body: dict) -> dict:
+    """The job fields that choose tokens, shared by every endpoint that runs a chat job: the
+    sampling fields, llama.cpp's extensions, logit_bias, stop, and the "output" constraint."""
+    fields = {
+        "stop": parse_stop(body),
+        "temperature": v.number(body, "temperature", 0, 2),
+        "top_p": v.number(body, "top_p", 0, 1),
+        "presence_penalty": v.number(body, "presence_penalty", -2, 2),
+        "frequency_penalty": v.number(body, "frequency_penalty", -2, 2),
+        "seed": v.integer(body, "seed", -(2 ** 63), 2 ** 64 - 1),
+        # llama.cpp extensions that llama-server accepts too
+        "top_k": v.integer(body, "top_k", 0, v.INT32_MAX),
+        "min_p": v.number(body, "min_p", 0, 1),
+        "repeat_penalty": v.number(body, "repeat_penalty", 0, 10),
+        "logit_bias": parse_logit_bias(body),
+        "output": parse_output(body),
+    }
+    if fields["repeat_penalty"] == 0:
+        raise bad_request("'repeat_penalty' must be above 0 (1 disables it)", "repeat_penalty")
+    return fields
+
+
+def check_stop(job: dict) -> None:
+    """Stop strings and a constrained answer do not go together."""
+    if job.get("stop") and (job.get("output") or job.get("tools")):
+        raise bad_request("'stop' cannot go with a constrained answer (response_format JSON, json_schema, grammar "
+                          "or tools): a stop string would cut the JSON or the call short; leave 'stop' out",
+                          "stop")
+
+
 def parse_logprobs(body: dict) -> dict:
     logprobs = v.boolean(body, "logprobs")
     top = v.integer(body, "top_logprobs", 0, ewp.MAX_TOP_LOGPROBS)
@@ -449,28 +480,12 @@ def parse_chat(body: dict, limits: v.RequestLimits, endpoint: str = "chat") -> C
         "kind": ewp.JOB_CHAT,
         "messages": messages,
         "max_tokens": max_tokens,
-        "stop": parse_stop(body),
-        "temperature": v.number(body, "temperature", 0, 2),
-        "top_p": v.number(body, "top_p", 0, 1),
-        "presence_penalty": v.number(body, "presence_penalty", -2, 2),
-        "frequency_penalty": v.number(body, "frequency_penalty", -2, 2),
-        "seed": v.integer(body, "seed", -(2 ** 63), 2 ** 64 - 1),
-        # llama.cpp extensions that llama-server accepts too
-        "top_k": v.integer(body, "top_k", 0, v.INT32_MAX),
-        "min_p": v.number(body, "min_p", 0, 1),
-        "repeat_penalty": v.number(body, "repeat_penalty", 0, 10),
+        **parse_sampling(body),
         "n": n if n and n > 1 else None,
-        "logit_bias": parse_logit_bias(body),
         **parse_logprobs(body),
-        "output": parse_output(body),
         **parse_tools(body),
     }
-    if job["repeat_penalty"] == 0:
-        raise bad_request("'repeat_penalty' must be above 0 (1 disables it)", "repeat_penalty")
-    if job["stop"] and (job["output"] or job.get("tools")):
-        raise bad_request("'stop' cannot go with a constrained answer (response_format JSON, json_schema, grammar "
-                          "or tools): a stop string would cut the JSON or the call short; leave 'stop' out",
-                          "stop")
+    check_stop(job)
     if job["output"] and job["output"]["type"] == "grammar" and job.get("tools"):
         raise bad_request(f"tools (tool_choice {json.dumps(job['tool_choice'])}) and a GBNF 'grammar' are not "
                           "supported together: send one or the other, or tool_choice 'none'", "tool_choice")
@@ -482,7 +497,10 @@ def parse_chat(body: dict, limits: v.RequestLimits, endpoint: str = "chat") -> C
 
 
 def prompt_chars(job: dict) -> int:
-    """The characters a chat job puts into the prompt: message contents, history tool calls, tools."""
+    """The characters a chat job puts into the prompt: a raw prompt's text, or message contents,
+    history tool calls and tools."""
+    if "prompt" in job:
+        return len(job["prompt"])
     chars = 0
     for m in job["messages"]:
         chars += len(m["content"]) + sum(len(c["name"]) + len(c["arguments"]) for c in m.get("tool_calls", ()))
@@ -492,21 +510,31 @@ def prompt_chars(job: dict) -> int:
 
 
 def check_chat_context(call: ChatCall, n_ctx: int, chars_per_token: int) -> None:
-    """Refuse, before any tokenizing, a chat that cannot fit the model's context of ``n_ctx``
-    tokens: messages longer than ``n_ctx * chars_per_token`` characters (no token stands for
-    more than ``chars_per_token`` of them), or an answer of more tokens than the context holds.
-    The worker still counts the prompt's real tokens; this keeps huge input from reaching it."""
-    chars = prompt_chars(call.job)
+    """A chat's job against the model's context (check_job_context)."""
+    check_job_context(call.job, n_ctx, chars_per_token, max_tokens_param=call.max_tokens_param)
+
+
+def check_job_context(job: dict, n_ctx: int, chars_per_token: int, *, max_tokens_param: str = "max_tokens",
+                      what: str = "the messages hold", param: str = "messages") -> None:
+    """Refuse, before any tokenizing, a chat job that cannot fit the model's context of ``n_ctx``
+    tokens: a prompt longer than ``n_ctx * chars_per_token`` characters (no token stands for
+    more than ``chars_per_token`` of them) or of ``n_ctx`` token ids, or an answer of more tokens
+    than the context holds. The worker still counts the prompt's real tokens; this keeps huge
+    input from reaching it (special-token parsing is quadratic in llama.cpp). ``what`` (subject
+    and verb) and ``param`` name the prompt in the error."""
+    if "prompt_tokens" in job and len(job["prompt_tokens"]) >= n_ctx:
+        raise bad_request(f"{what} {len(job['prompt_tokens'])} tokens; this model's context holds {n_ctx}, "
+                          f"prompt and answer together: shorten the {param}", param, code="context_length_exceeded")
+    chars = 0 if "prompt_tokens" in job else prompt_chars(job)
     if chars > n_ctx * chars_per_token:
-        raise bad_request(f"the messages hold {chars} characters; this model's context holds {n_ctx} tokens, "
+        raise bad_request(f"{what} {chars} characters; this model's context holds {n_ctx} tokens, "
                           f"which is at most {n_ctx * chars_per_token} characters ({chars_per_token} per token, the "
-                          "server's chars_per_token): shorten the messages", "messages",
-                          code="context_length_exceeded")
-    max_tokens = call.job.get("max_tokens")
+                          f"server's chars_per_token): shorten the {param}", param, code="context_length_exceeded")
+    max_tokens = job.get("max_tokens")
     if max_tokens is not None and max_tokens >= n_ctx:
-        raise bad_request(f"'{call.max_tokens_param}' must be at most {n_ctx - 1}: this model's context holds "
+        raise bad_request(f"'{max_tokens_param}' must be at most {n_ctx - 1}: this model's context holds "
                           f"{n_ctx} tokens, prompt and answer together; got {v.shown(max_tokens)}",
-                          call.max_tokens_param)
+                          max_tokens_param)
 
 
 # -- response ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ ZeroMQ context, which inproc requires the broker to share.
 
 from __future__ import annotations
 
+import queue
 import select
 import socket
 import threading
@@ -183,6 +184,55 @@ class JobRunner:
         finally:
             client.close()
         return chunks, msg.body
+
+
+class JobGroup:
+    """The jobs of one request that runs several (a completion of several prompts), side by side.
+
+    Each job has a thread that reads its messages as they come into a queue of its own: left
+    unread in its socket while an earlier job is being answered, a long job's output would pass
+    ZeroMQ's high-water mark, and a ROUTER drops what passes it. ``messages`` yields (job index,
+    CHUNK or DONE) job by job, all of job 0's first; an ERROR or a failure raises there. ``close``
+    cancels the jobs still running (their threads see it as the client gone)."""
+
+    def __init__(self, runner: JobRunner, model: str, jobs: list[dict], gone: Callable[[], bool] | None = None):
+        self._closed = threading.Event()
+        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in jobs]
+
+        def gone_or_closed() -> bool:
+            return self._closed.is_set() or (gone is not None and gone())
+
+        runner.check_broker()
+        for job, messages in zip(jobs, self._queues):
+            threading.Thread(target=self._read, args=(runner, model, job, messages, gone_or_closed),
+                             name="edgellm-job", daemon=True).start()
+
+    @staticmethod
+    def _read(runner: JobRunner, model: str, job: dict, messages: queue.SimpleQueue, gone) -> None:
+        try:
+            client, msg = runner.start(model, job, gone)
+            try:
+                messages.put(msg)
+                while msg.command == ewp.CHUNK:
+                    msg = runner.next_message(client, gone=gone)
+                    messages.put(msg)
+            finally:
+                client.close()
+        except BaseException as exc:  # handed to the request thread, which raises it
+            messages.put(exc)
+
+    def messages(self):
+        for index, messages in enumerate(self._queues):
+            while True:
+                item = messages.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield index, item
+                if item.command != ewp.CHUNK:
+                    break
+
+    def close(self) -> None:
+        self._closed.set()
 
 
 def in_order(chunks: list[dict], expected: int | None = None) -> list[dict]:

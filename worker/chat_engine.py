@@ -149,12 +149,14 @@ class ChatEngine:
             raise JobError(ewp.INVALID_REQUEST, f"'n' is {n}; a worker of this model has {self.slots} slots, one "
                            "per choice: ask for fewer choices", "n")
         prompt = self._prompt_tokens(request)
+        param = "messages" if "messages" in request else "prompt"
         if not prompt:
-            raise JobError(ewp.INVALID_REQUEST, "the messages render to an empty prompt", "messages")
+            raise JobError(ewp.INVALID_REQUEST, "the messages render to an empty prompt" if param == "messages"
+                           else "the prompt is empty", param)
         if len(prompt) >= self.ctx_size:
             raise JobError(ewp.CONTEXT_LENGTH_EXCEEDED,
                            f"the prompt is {len(prompt)} tokens; this model's context holds {self.ctx_size} "
-                           "(prompt plus answer): shorten the messages", "messages")
+                           f"(prompt plus answer): shorten the {param}", param)
         free = [s for s in self._slots if s.state is SlotState.IDLE]
         if len(free) < n:
             raise JobError(ewp.WORKER_BUSY, f"{len(free)} of this worker's slots are free; the job needs {n}")
@@ -217,12 +219,13 @@ class ChatEngine:
                                                                      request.get("messages") or [])):
             stop.append(RESPONSE_OPEN)  # tool results come from the client, never from the model
         tools = bool(request.get("tools"))
+        echo = self._echo(request)
         choices: list[Choice] = []
         try:
             for i in range(n):
                 sampler = TokenSampler(SamplingParams.from_request(request, i), self.model.n_vocab,
                                        vocab=self.model.vocab, grammar=grammar, logit_bias=bias)
-                choices.append(Choice(sampler, ChoiceOutput(i, stop, tools=tools)))
+                choices.append(Choice(sampler, ChoiceOutput(i, stop, tools=tools, echo=echo)))
         except grammars.GrammarError as exc:
             for choice in choices:
                 choice.sampler.free()
@@ -443,14 +446,25 @@ class ChatEngine:
         shared = min(_common_prefix(slot.cached, prompt), slot.exact, len(prompt) - 1)
         return shared - shared % self.prefill_chunk
 
+    def _echo(self, request: dict) -> str:
+        """The text each choice starts with when the job asks for "echo": a raw prompt's own text,
+        or its tokens' text."""
+        if not request.get("echo"):
+            return ""
+        if "prompt" in request:
+            return request["prompt"]
+        return self.model.detokenize(request.get("prompt_tokens") or [])
+
     def _prompt_tokens(self, request: dict) -> list[int]:
-        """The prompt's tokens: the template's markup tokenized with special tokens parsed, each
-        message's content as plain text, so a user's "<|im_start|>" is text, not a turn (see
-        ChatTemplate.render_pieces, also for the token boundaries this gives). Special-token
-        parsing (quadratic in llama.cpp) only sees the template's markup: its short pieces, and,
-        with a template that renders tools, the tools and calls it writes (bounded by the front
-        end's context check). Tools reach the prompt through the template when it renders them,
-        else as our own description (worker/tool_calls.py)."""
+        """A raw prompt's tokens (see _raw_prompt_tokens), or a chat's: the template's markup
+        tokenized with special tokens parsed, each message's content as plain text, so a user's
+        "<|im_start|>" is text, not a turn (see ChatTemplate.render_pieces, also for the token
+        boundaries this gives). Special-token parsing (quadratic in llama.cpp) only sees the
+        template's markup: its short pieces, and, with a template that renders tools, the tools and
+        calls it writes (bounded by the front end's context check). Tools reach the prompt through
+        the template when it renders them, else as our own description (worker/tool_calls.py)."""
+        if "prompt" in request or "prompt_tokens" in request:
+            return self._raw_prompt_tokens(request)
         messages, tools = prepare_messages(request.get("messages") or [], request.get("tools"),
                                            request.get("tool_choice", "auto"),
                                            request.get("parallel_tool_calls", True), self.template_tools)
@@ -467,3 +481,18 @@ class ChatEngine:
                 known[piece] = self.model.tokenize(piece.text, add_special=False, parse_special=piece.markup)
             tokens += known[piece]
         return tokens
+
+    def _raw_prompt_tokens(self, request: dict) -> list[int]:
+        """A prompt without a chat template (/v1/completions): token ids as given, each checked
+        against the vocabulary, or text tokenized as llama-server tokenizes a prompt: BOS if the
+        model wants one, and special-token text parsed (the client writes the whole prompt, markup
+        included). The front end bounds the text's length first (check_job_context): that
+        parsing is quadratic in llama.cpp."""
+        if "prompt_tokens" in request:
+            tokens = list(request["prompt_tokens"])
+            outside = next((t for t in tokens if not 0 <= t < self.model.n_vocab), None)
+            if outside is not None:
+                raise JobError(ewp.INVALID_REQUEST, f"the prompt holds token {outside}; this model's token ids run "
+                               f"from 0 to {self.model.n_vocab - 1}", "prompt")
+            return tokens
+        return self.model.tokenize(request.get("prompt") or "", add_special=True, parse_special=True)

@@ -20,8 +20,9 @@ if LOGPROBS_HELD >= ewp.MAX_LOGPROB_ENTRIES:
 
 
 class ChoiceOutput:
-    def __init__(self, index: int, stop: list[str], *, tools: bool):
+    def __init__(self, index: int, stop: list[str], *, tools: bool, echo: str = ""):
         self.index = index
+        self._echo = echo  # text sent before the answer's (an echoed prompt), untouched by stop strings
         self.text = TextStream(stop)
         self.calls = ToolCallParser() if tools else None
         self._logprobs: list[dict] = []
@@ -105,4 +106,7 @@ class ChoiceOutput:
     def _with_logprobs(self, bodies: list[dict]) -> list[dict]:
         if bodies and self._logprobs:
             bodies[0]["logprobs"], self._logprobs = self._logprobs, []
+        if self._echo:
+            bodies.insert(0, {"index": self.index, "text": self._echo})
+            self._echo = ""
         return bodies

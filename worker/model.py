@@ -99,6 +99,20 @@ class LoadedModel:
             n = lc.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
         return list(buf[:n])
 
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of a token sequence, special tokens written out (as in an echoed prompt)."""
+        if not tokens:
+            return ""
+        array = (lc.llama_token * len(tokens))(*tokens)
+        capacity = len(tokens) * 8 + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(capacity)
+            n = lc.llama_detokenize(self.vocab, array, len(tokens), buf, capacity, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            capacity = -n
+        raise RuntimeError("llama_detokenize failed")
+
     def piece(self, token: int) -> bytes:
         """The bytes one generated token stands for (special tokens render as nothing)."""
         n = lc.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)

@@ -40,7 +40,12 @@ Worker -> broker
 Broker -> worker
     JOB        [EWP2, JOB, job, body]         {"kind", ...request fields...}: kind "chat" (which takes
                                               job_slots() slots: one per choice), "embedding", or
-                                              "chunk" {"text", "capacity", "embed", "max_chunks"}
+                                              "chunk" {"text", "capacity", "embed", "max_chunks"}.
+                                              A chat job's prompt is "messages" (rendered with the chat
+                                              template) or, for /v1/completions, a raw "prompt" (text,
+                                              tokenized with BOS and special tokens parsed) or
+                                              "prompt_tokens" (ids, checked against the vocabulary);
+                                              "echo": true starts each choice's text with that prompt
     CANCEL     [EWP2, CANCEL, job]            stop the job and free its slot; the worker answers DONE
                                               with finish_reason "cancelled" (or nothing if it never had it)
     HEARTBEAT  [EWP2, HEARTBEAT]              the broker is alive

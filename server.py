@@ -39,8 +39,10 @@ from frontend.http_server import HTTPLimits, HTTPServer
 from frontend.jobs import JobClient, JobGroup, JobRunner, disconnect_check, in_order
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context, parse_chunk_capacity
 from frontend.request_body import read_json
+from frontend.responses_api import HISTORY_JSON_FACTOR, ResponsesRequest, parse_responses
+from frontend.responses_output import ResponseBuilder
 from frontend.supervisor import Supervisor
-from store import Store, StoreError
+from store import Store, StoredResponse, StoreError
 from worker import protocol as ewp
 from worker.keys import KeyFileError, authorized_keys
 from worker.settings import ModelSettings
@@ -52,9 +54,11 @@ __version__ = "0.1.0"
 BROKER_DOWN_GRACE = 2.0  # seconds between the broker's death and the exit: waiting requests get their 503
 
 
-def sse(data) -> bytes:
+def sse(data, event: str | None = None) -> bytes:
+    """One server-sent event: its data, and its ``event:`` line when it has a type (Responses' events)."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {text}\n\n".encode("utf-8")
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {text}\n\n".encode("utf-8")
 
 
 def json_response(body: dict, status: int = 200) -> Response:
@@ -85,6 +89,9 @@ class EdgeLLM:
         self.url_map = Map([
             Rule("/v1/chat/completions", endpoint="chat_completions", methods=["POST"]),
             Rule("/v1/completions", endpoint="completions", methods=["POST"]),
+            Rule("/v1/responses", endpoint="create_response", methods=["POST"]),
+            Rule("/v1/responses/<response_id>", endpoint="get_response", methods=["GET"]),
+            Rule("/v1/responses/<response_id>", endpoint="delete_response", methods=["DELETE"]),
             Rule("/v1/embeddings", endpoint="embeddings", methods=["POST"]),
             Rule("/v1/retrieve", endpoint="retrieve", methods=["POST"]),
             Rule("/v1/models", endpoint="models", methods=["GET", "POST"]),
@@ -198,19 +205,7 @@ class EdgeLLM:
         body = self.json_body(request)
         call = parse_chat(body, self.limits)
         model = self.resolve_model(call.model, ewp.JOB_CHAT)
-        check_chat_context(call, self.context_size(model), self.config.chars_per_token)
-        self.check_choices(call.n, model)
-        model_config = self.config.model(model)
-        if model_config and model_config.rag_collection and call.rag:
-            if self.store.get_collection(model_config.rag_collection) is None:
-                raise APIError("collection_not_found", f"model '{model}' answers from collection "
-                               f"'{model_config.rag_collection}' (the server's rag_collection), which holds no "
-                               "documents yet: ingest some with POST /v1/create/rag, or send \"rag\": false",
-                               "rag")
-            hits = self.knowledge.retrieve(last_user_text(call.job["messages"]), model_config.rag_collection,
-                                           model=None, limit=self.config.retrieve_limit,
-                                           score_threshold=self.config.score_threshold)
-            call.job["messages"] = merge_context(call.job["messages"], hits, model_config)
+        self.prepare_chat(call, model)
         gone = disconnect_check(request.environ)
         answer = ChatAnswer.for_call(ChatResponder(model), call)
         if call.stream:
@@ -227,6 +222,23 @@ class EdgeLLM:
         for chunk in chunks:
             answer.add(chunk)
         return json_response(answer.completion(done))
+
+    def prepare_chat(self, call, model: str) -> None:
+        """What every chat job (chat completions and responses) goes through once its model is known:
+        the context and slot checks, and the model's RAG context merged into its messages."""
+        check_chat_context(call, self.context_size(model), self.config.chars_per_token)
+        self.check_choices(call.n, model)
+        model_config = self.config.model(model)
+        if model_config and model_config.rag_collection and call.rag:
+            if self.store.get_collection(model_config.rag_collection) is None:
+                raise APIError("collection_not_found", f"model '{model}' answers from collection "
+                               f"'{model_config.rag_collection}' (the server's rag_collection), which holds no "
+                               "documents yet: ingest some with POST /v1/create/rag, or send \"rag\": false",
+                               "rag")
+            hits = self.knowledge.retrieve(last_user_text(call.job["messages"]), model_config.rag_collection,
+                                           model=None, limit=self.config.retrieve_limit,
+                                           score_threshold=self.config.score_threshold)
+            call.job["messages"] = merge_context(call.job["messages"], hits, model_config)
 
     def check_choices(self, n: int, model: str) -> None:
         """A request for n choices takes n slots of one worker: of those registered, or else of those
@@ -303,6 +315,72 @@ class EdgeLLM:
         finally:
             group.close()  # also runs when the client disconnects: the jobs still running are cancelled
         yield sse("[DONE]")
+
+    # -- responses -----------------------------------------------------------------------
+    def on_create_response(self, request: Request) -> Response:
+        req = parse_responses(self.json_body(request), self.limits)
+        model = self.resolve_model(req.model, ewp.JOB_CHAT)
+        history = []
+        if req.previous_response_id is not None:
+            chain = self.store.response_chain(
+                req.previous_response_id, max_responses=self.limits.max_messages,
+                max_chars=self.context_size(model) * self.config.chars_per_token * HISTORY_JSON_FACTOR)
+            history = [item for stored in chain for item in stored.input_items + stored.response["output"]]
+        call = req.chat_call(history, self.limits)
+        self.prepare_chat(call, model)
+        gone = disconnect_check(request.environ)
+        builder = ResponseBuilder(ChatAnswer.for_call(ChatResponder(model), call), model, req.echo)
+        if req.stream:
+            client, first = self.jobs.start(model, call.job, gone)
+            try:  # as for chat: the 200 is committed only after the worker's first chunk
+                opening = builder.opening() + (builder.add(first.body) if first.command == ewp.CHUNK else [])
+            except BaseException:
+                client.close()
+                raise
+            return Response(self._stream_response(client, first, builder, req, opening, gone),
+                            mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        chunks, done = self.jobs.collect(model, call.job, gone)
+        for chunk in chunks:
+            builder.add(chunk)
+        builder.finish(done)
+        self.keep_response(req, builder)
+        return json_response(builder.body())
+
+    def keep_response(self, req: ResponsesRequest, builder: ResponseBuilder) -> None:
+        """Store a finished response unless the request said store: false."""
+        if req.store:
+            self.store.save_response(StoredResponse(builder.id, req.previous_response_id, builder.model,
+                                                    req.input_items, builder.body(), builder.created_at))
+
+    def _stream_response(self, client: JobClient, msg: ewp.Message, builder: ResponseBuilder,
+                         req: ResponsesRequest, opening: list[dict], gone):
+        """Typed server-sent events; after the 200, a failure is an ``error`` and a ``response.failed``
+        event. The response is stored before its last event, so a client that reads it at once finds it."""
+        try:
+            for event in opening:
+                yield sse(event, event["type"])
+            while msg.command == ewp.CHUNK:
+                msg = self.jobs.next_message(client, gone=gone)
+                if msg.command == ewp.CHUNK:
+                    for event in builder.add(msg.body):
+                        yield sse(event, event["type"])
+            closing = builder.finish(msg.body)
+            self.keep_response(req, builder)
+            for event in closing:
+                yield sse(event, event["type"])
+        except Exception as exc:  # after the 200: the error goes in the stream
+            for event in builder.fail(as_api_error(exc)):
+                yield sse(event, event["type"])
+        finally:
+            client.close()  # also runs when the client disconnects: the job is cancelled
+
+    def on_get_response(self, request: Request, response_id: str) -> Response:
+        return json_response(self.store.get_response(response_id).response)
+
+    def on_delete_response(self, request: Request, response_id: str) -> Response:
+        self.store.delete_response(response_id)
+        return json_response({"id": response_id, "object": "response", "deleted": True})
 
     # -- embeddings and retrieval --------------------------------------------------------
     def on_embeddings(self, request: Request) -> Response:

@@ -28,7 +28,7 @@ MAX_N = 128  # choices per request; the server also checks n against the worker'
 MAX_TOOLS = 128
 MAX_LOGIT_BIAS = 1024
 TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")  # a logit_bias key: a decimal token id, no sign or leading zeros
-TEXT_ONLY_PARTS = {"image_url", "input_audio", "file"}
+TEXT_ONLY_PARTS = {"image_url", "input_audio", "file", "input_image", "input_file"}  # chat's and Responses' names
 
 HONOURED, IGNORED, REFUSED = "honoured", "accepted, ignored", "refused (400)"
 
@@ -154,8 +154,9 @@ class ChatCall:
 
 
 # -- messages ----------------------------------------------------------------------------------
-def _content_text(content, i: int, role: str) -> str:
-    param = f"messages[{i}].content"
+def _content_text(content, param: str, role: str, part_types=("text",)) -> str:
+    """A message's content as text: a string, or a list of text parts of one of ``part_types``
+    (chat's "text"; Responses' "input_text" and "output_text") joined with newlines."""
     if content is None:
         if role in ("assistant", "tool"):
             return ""
@@ -171,9 +172,10 @@ def _content_text(content, i: int, role: str) -> str:
             if part["type"] in TEXT_ONLY_PARTS:
                 raise bad_request(f"{part_param} is an '{part['type']}' part: this model takes text only",
                                   part_param)
-            if part["type"] != "text":
-                raise bad_request(f"{part_param} has type '{part['type']}'; only 'text' parts are supported",
-                                  part_param)
+            if part["type"] not in part_types:
+                allowed = " or ".join(f"'{t}'" for t in part_types)
+                raise bad_request(f"{part_param} has type '{part['type'][:64]}'; only {allowed} parts are "
+                                  "supported", part_param)
             if not isinstance(part.get("text"), str):
                 raise bad_request(f"{part_param}.text must be a string", part_param)
             parts.append(part["text"])
@@ -181,15 +183,15 @@ def _content_text(content, i: int, role: str) -> str:
     raise bad_request(f"{param} must be a string or a list of text parts", param)
 
 
-def _string_at(obj: dict, key: str, param: str) -> str:
+def string_at(obj: dict, key: str, param: str) -> str:
     if not isinstance(obj.get(key), str):
         raise bad_request(f"{param}.{key} must be a string", f"{param}.{key}")
     return obj[key]
 
 
-def _history_tool_calls(value, i: int) -> list[dict]:
+def _history_tool_calls(value, at: str) -> list[dict]:
     """An assistant message's tool_calls, as the contract's [{"id", "name", "arguments"}]."""
-    param = f"messages[{i}].tool_calls"
+    param = f"{at}.tool_calls"
     if not isinstance(value, list):
         raise bad_request(f"{param} must be a list of tool calls", param)
     if len(value) > ewp.MAX_TOOL_CALLS:
@@ -203,8 +205,8 @@ def _history_tool_calls(value, i: int) -> list[dict]:
             raise bad_request(f"{at} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
                               "\"arguments\"}}", at)
         fn = call["function"]
-        calls.append({"id": _string_at(call, "id", at), "name": _string_at(fn, "name", f"{at}.function"),
-                      "arguments": _string_at(fn, "arguments", f"{at}.function")})
+        calls.append({"id": string_at(call, "id", at), "name": string_at(fn, "name", f"{at}.function"),
+                      "arguments": string_at(fn, "arguments", f"{at}.function")})
     return calls
 
 
@@ -215,15 +217,16 @@ _NOT_RENDERED = {"refusal": "send the refusal as content", "function_call": "use
                  "audio": "this server answers in text only"}
 
 
-def _message(m, i: int) -> dict:
+def chat_message(m, at: str, part_types=("text",)) -> dict:
+    """One message (chat's shape) at ``at`` (its param, "messages[3]"), checked, as the job's
+    {"role", "content", "tool_calls"?, "tool_call_id"?}."""
     if not isinstance(m, dict):
-        raise bad_request(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
+        raise bad_request(f"{at} must be an object with 'role' and 'content'", at.rsplit("[", 1)[0])  # the list
     role = m.get("role")
     if not isinstance(role, str) or role not in ROLES:
-        raise bad_request(f"messages[{i}].role must be one of {sorted(ROLES)}; got {role!r}",
-                          f"messages[{i}].role")
+        raise bad_request(f"{at}.role must be one of {sorted(ROLES)}; got {str(role)[:64]!r}", f"{at}.role")
     for key, value in m.items():
-        param = f"messages[{i}].{key}"
+        param = f"{at}.{key}"
         if key in ("role", "content"):
             continue
         if key not in _MESSAGE_KEYS:
@@ -233,16 +236,16 @@ def _message(m, i: int) -> dict:
         if value is not None and key in _NOT_RENDERED:
             raise bad_request(f"{param} is not supported: {_NOT_RENDERED[key]}", param)
     role = "system" if role == "developer" else role
-    message = {"role": role, "content": _content_text(m.get("content"), i, role)}
+    message = {"role": role, "content": _content_text(m.get("content"), f"{at}.content", role, part_types)}
     if role == "assistant" and m.get("tool_calls") is not None:
-        calls = _history_tool_calls(m["tool_calls"], i)
+        calls = _history_tool_calls(m["tool_calls"], at)
         if calls:
             message["tool_calls"] = calls
     if role == "tool":
         if m.get("tool_call_id") is None:
-            raise bad_request(f"messages[{i}].tool_call_id is required: the id of the call this tool message "
-                              "answers", f"messages[{i}].tool_call_id")
-        message["tool_call_id"] = _string_at(m, "tool_call_id", f"messages[{i}]")
+            raise bad_request(f"{at}.tool_call_id is required: the id of the call this tool message answers",
+                              f"{at}.tool_call_id")
+        message["tool_call_id"] = string_at(m, "tool_call_id", at)
     return message
 
 
@@ -256,7 +259,7 @@ def parse_messages(value, max_messages: int) -> list[dict]:
     if len(value) > max_messages:
         raise bad_request(f"'messages' may hold at most {max_messages} messages (the server's max_messages); "
                           f"got {len(value)}", "messages", code="array_above_max_length")
-    return [_message(m, i) for i, m in enumerate(value)]
+    return [chat_message(m, f"messages[{i}]") for i, m in enumerate(value)]
 
 
 def parse_stop(body: dict) -> list[str]:
@@ -295,8 +298,11 @@ def _response_format(value) -> dict | None:
     if kind != "json_schema":
         raise bad_request(f"response_format.type must be 'text', 'json_object' or 'json_schema'; got {kind!r}",
                           "response_format.type")
-    spec = value.get("json_schema")
-    param = "response_format.json_schema"
+    return json_schema_output(value.get("json_schema"), "response_format.json_schema")
+
+
+def json_schema_output(spec, param: str) -> dict:
+    """A named schema ({"name", "schema", "description"?, "strict"?} at ``param``) as the job's output."""
     if not isinstance(spec, dict):
         raise bad_request(f"'{param}' must be an object with 'name' and 'schema'", param)
     if not isinstance(spec.get("name"), str) or not ewp.FUNCTION_NAME.fullmatch(spec["name"]):
@@ -337,7 +343,11 @@ def _tool(value, i: int) -> dict:
             or not isinstance(value.get("function"), dict):
         raise bad_request(f"{param} must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}: only "
                           "function tools are supported", param)
-    fn, param = value["function"], f"{param}.function"
+    return function_tool(value["function"], f"{param}.function")
+
+
+def function_tool(fn: dict, param: str) -> dict:
+    """A function's {"name", "description"?, "strict"?, "parameters"?} at ``param``, as the job's tool."""
     if not isinstance(fn.get("name"), str) or not ewp.FUNCTION_NAME.fullmatch(fn["name"]):
         raise bad_request(f"{param}.name must be 1 to 64 letters, digits, '_' or '-'", f"{param}.name")
     description = fn.get("description")
@@ -367,28 +377,37 @@ def parse_tools(body: dict) -> dict:
     if len(value) > MAX_TOOLS:
         raise bad_request(f"'tools' may hold at most {MAX_TOOLS} tools", "tools", code="array_above_max_length")
     tools = [_tool(t, i) for i, t in enumerate(value)]
-    names = [t["name"] for t in tools]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise bad_request(f"tools[{i}].function.name '{name}' is already taken by another tool",
-                              f"tools[{i}].function.name")
-    if choice is None:
-        choice = "auto"
-    elif isinstance(choice, dict):
+    check_tool_names(tools, "tools[{}].function.name")
+    if isinstance(choice, dict):
         fn = choice.get("function")
         if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", "
                               "\"function\": {\"name\"}}", "tool_choice")
-        if fn["name"] not in names:
-            raise bad_request(f"tool_choice names '{fn['name'][:64]}', which is not one of the tools",
-                              "tool_choice")
         choice = {"name": fn["name"]}
-    elif choice not in ("none", "auto", "required"):
+    elif choice not in (None, "none", "auto", "required"):
         raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", "
                           "\"function\": {\"name\"}}", "tool_choice")
+    return tools_job(tools, choice, parallel)
+
+
+def tools_job(tools: list[dict], choice, parallel: bool) -> dict:
+    """The job's "tools", "tool_choice" and "parallel_tool_calls" from checked tools and a choice of
+    None (= "auto"), "none", "auto", "required" or {"name"}; an empty dict: no tools."""
+    if isinstance(choice, dict) and choice["name"] not in [t["name"] for t in tools]:
+        raise bad_request(f"tool_choice names '{choice['name'][:64]}', which is not one of the tools",
+                          "tool_choice")
     if choice == "none":
         return {}
-    return {"tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel}
+    return {"tools": tools, "tool_choice": choice or "auto", "parallel_tool_calls": parallel}
+
+
+def check_tool_names(tools: list[dict], name_param: str) -> None:
+    """No two tools share a name; ``name_param`` is the blamed param with {} for the tool's index."""
+    names = [t["name"] for t in tools]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            param = name_param.format(i)
+            raise bad_request(f"{param} '{name}' is already taken by another tool", param)
 
 
 # -- sampling fields ---------------------------------------------------------------------------
@@ -476,6 +495,17 @@ def parse_chat(body: dict, limits: v.RequestLimits, endpoint: str = "chat") -> C
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise bad_request('\'modalities\' must be ["text"]: this server answers in text only', "modalities")
+    job = chat_job(body, messages, max_tokens, parse_output(body), parse_tools(body), n)
+    stream = v.boolean(body, "stream")
+    include_usage = parse_stream_options(body)
+    rag = v.boolean(body, "rag", default=True)
+    return ChatCall(model, job, stream, include_usage, max_tokens_param, rag)
+
+
+def chat_job(body: dict, messages: list[dict], max_tokens: int | None, output: dict | None, tools: dict,
+             n: int | None = None) -> dict:
+    """The chat JOB body from checked messages, output and tools, with the sampling fields of
+    ``body`` (those its endpoint allows; absent ones are left to the worker's defaults)."""
     job = {
         "kind": ewp.JOB_CHAT,
         "messages": messages,
@@ -483,17 +513,14 @@ def parse_chat(body: dict, limits: v.RequestLimits, endpoint: str = "chat") -> C
         **parse_sampling(body),
         "n": n if n and n > 1 else None,
         **parse_logprobs(body),
-        **parse_tools(body),
+        "output": output,
+        **tools,
     }
     check_stop(job)
     if job["output"] and job["output"]["type"] == "grammar" and job.get("tools"):
         raise bad_request(f"tools (tool_choice {json.dumps(job['tool_choice'])}) and a GBNF 'grammar' are not "
                           "supported together: send one or the other, or tool_choice 'none'", "tool_choice")
-    stream = v.boolean(body, "stream")
-    include_usage = parse_stream_options(body)
-    rag = v.boolean(body, "rag", default=True)
-    return ChatCall(model, {k: val for k, val in job.items() if val is not None}, stream, include_usage,
-                    max_tokens_param, rag)
+    return {k: val for k, val in job.items() if val is not None}
 
 
 def prompt_chars(job: dict) -> int:

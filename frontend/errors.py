@@ -82,6 +82,8 @@ ERRORS: dict[str, ErrorKind] = {
     "collection_not_found": ErrorKind(404, _NOT_FOUND),
     "collection_conflict": ErrorKind(409, _CLIENT),
     "file_not_found": ErrorKind(404, _NOT_FOUND),
+    "response_not_found": ErrorKind(404, _NOT_FOUND),  # GET/DELETE /v1/responses/{id}, previous_response_id
+    "conversation_too_long": ErrorKind(400, _CLIENT),  # a previous_response_id chain over its bounds
     "dimension_mismatch": ErrorKind(400, _CLIENT),
 }
 

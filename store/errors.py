@@ -72,3 +72,20 @@ class DimensionMismatch(StoreError):
     """
 
     code = "dimension_mismatch"
+
+
+class ResponseNotFound(StoreError):
+    """No stored response has that id (never stored, store: false, or deleted)."""
+
+    code = "response_not_found"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ConversationTooLong(StoreError):
+    """A previous_response_id whose chain of stored responses is over the bounds it may be read with."""
+
+    code = "conversation_too_long"
+    param = "previous_response_id"

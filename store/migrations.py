@@ -76,6 +76,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "stored responses (POST /v1/responses)",
+        (
+            # input_items: the items this response's request added to its conversation;
+            # response: the response object as it was answered (JSON text, both). No foreign key on
+            # previous_response_id: deleting a response leaves its successors, whose chains then
+            # start after it.
+            """
+            CREATE TABLE responses (
+                id                   TEXT PRIMARY KEY,
+                previous_response_id TEXT,
+                model                TEXT NOT NULL,
+                input_items          TEXT NOT NULL,
+                response             TEXT NOT NULL,
+                created_at           INTEGER NOT NULL
+            )
+            """,
+        ),
+    ),
 )
 
 

@@ -48,3 +48,16 @@ class Hit:
     document_id: int
     file_id: str | None
     ordinal: int
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A response of POST /v1/responses: the input items its request added (Responses items) and
+    the response object it answered, both as parsed JSON."""
+
+    id: str
+    previous_response_id: str | None
+    model: str
+    input_items: list
+    response: dict
+    created_at: int

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from . import catalog, documents, files, vec_tables
-from .errors import FileNotFound
+from . import catalog, documents, files, responses, vec_tables
+from .errors import FileNotFound, ResponseNotFound
 from .migrations import apply_migrations
 from .pool import ConnectionPool
-from .records import Collection, DocumentRecord, FileRecord, Hit, UpsertStatus
+from .records import Collection, DocumentRecord, FileRecord, Hit, StoredResponse, UpsertStatus
 
 
 class Store:
-    """The persistent store behind files, vector stores and retrieval.
+    """The persistent store behind files, vector stores, retrieval and stored responses.
 
     Safe to share between threads: every call borrows its own connection from
     a small pool (see ``pool.py`` for why), and every call that writes does so
@@ -180,3 +180,25 @@ class Store:
         if score_threshold is None:
             return hits
         return [hit for hit in hits if hit.score >= score_threshold]
+
+    # Responses (POST /v1/responses)
+
+    def save_response(self, record: StoredResponse) -> None:
+        with self._pool.connection() as conn, conn.transaction():
+            responses.insert(conn, record)
+
+    def get_response(self, response_id: str) -> StoredResponse:
+        with self._pool.connection() as conn:
+            record = responses.find(conn, response_id)
+        if record is None:
+            raise ResponseNotFound(f"no stored response with id {response_id!r}")
+        return record
+
+    def response_chain(self, response_id: str, *, max_responses: int, max_chars: int) -> list[StoredResponse]:
+        """``response_id`` and the responses before it, oldest first (see ``responses.chain``)."""
+        with self._pool.connection() as conn, conn.transaction(write=False):
+            return responses.chain(conn, response_id, max_responses, max_chars)
+
+    def delete_response(self, response_id: str) -> None:
+        with self._pool.connection() as conn, conn.transaction():
+            responses.delete(conn, response_id)

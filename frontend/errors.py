@@ -68,6 +68,7 @@ ERRORS: dict[str, ErrorKind] = {
     "worker_timeout": ErrorKind(503, _SERVER, retryable=True),
     "worker_lost": ErrorKind(500, _SERVER, retryable=True),
     "worker_protocol_error": ErrorKind(500, _SERVER),
+    "worker_stuck": ErrorKind(500, _SERVER),  # one step ran past step_timeout; not retryable: it would again
     "broker_down": ErrorKind(503, _SERVER, retryable=True),  # the server restarts (frontend/broker.py Watchdog)
     # workers (worker/protocol.py's ERROR_CODES; internal_error and invalid_request_error are above)
     "context_length_exceeded": ErrorKind(400, _CLIENT),

@@ -12,6 +12,8 @@ Modes of the real WorkerLoop:
     garbage  answers with a CHUNK whose body lacks the fields the front end needs
     misfit   answers a chat job with a well-formed embedding CHUNK (the wrong shape for the job)
     busy     answers every job with ERROR worker_busy, however many slots it claims
+    stuck    its step never returns (as a grammar too ambiguous for llama.cpp would make it); run
+             with a step_timeout of 2 s, the loop fails its jobs and the process exits
 
 Rogue peers, a bare DEALER socket each (they exit by themselves):
     flood       registers, then sends HEARTBEATs as fast as it can for --seconds
@@ -69,6 +71,8 @@ class FaultyEngine:
         return self.mode != "stall" and bool(self.jobs)
 
     def step(self) -> list[Event]:
+        if self.mode == "stuck":
+            time.sleep(3600)
         events = []
         for job_id, state in list(self.jobs.items()):
             if self.mode == "die0":
@@ -136,7 +140,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--connect", required=True)
     p.add_argument("--model-name", required=True)
-    p.add_argument("--mode", choices=["echo", "die", "die0", "stall", "garbage", "misfit", "busy", *ROGUES], required=True)
+    p.add_argument("--mode", required=True,
+                   choices=["echo", "die", "die0", "stall", "garbage", "misfit", "busy", "stuck", *ROGUES])
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--record", help="echo: append the id of every job it is given to this file")
     p.add_argument("--seconds", type=float, default=5.0, help="rogues: how long to flood, or to stay connected")
@@ -152,7 +157,8 @@ def main() -> None:
     if args.mode in ROGUES:
         rogue(args, curve)
         return
-    WorkerLoop(FaultyEngine(args.mode, args.slots, args.record), args.connect, args.model_name, curve=curve).run()
+    WorkerLoop(FaultyEngine(args.mode, args.slots, args.record), args.connect, args.model_name, curve=curve,
+               step_timeout=2.0).run()
 
 
 if __name__ == "__main__":

@@ -154,3 +154,15 @@ def test_a_failure_in_one_choice_fails_the_whole_job_once(engine, monkeypatch):
     assert not engine.busy() and all(s.state.value == "idle" for s in engine._slots)
     assert [e.command for e in events if e.command != ewp.CHUNK] == [ewp.ERROR]
     assert events[-1].body["code"] == ewp.INTERNAL_ERROR
+
+
+def test_a_grammar_too_ambiguous_for_llama_cpp_is_refused_before_it_stalls_the_worker(engine):
+    """Each "a" doubles the parses llama.cpp's grammar engine tracks; with "a" forced, the work per
+    token grows until the grammar is refused (GRAMMAR_SECONDS_PER_TOKEN), in seconds, not hours."""
+    [a] = engine.model.tokenize("a", add_special=False, parse_special=False)
+    grammar = 'root ::= s\ns ::= "a" s "b" s | "a" s "c" s | ""'
+    events = run_to_end(engine, {"messages": QUESTION, "max_tokens": 40, "temperature": 0,
+                                 "logit_bias": {str(a): 100}, "output": {"type": "grammar", "grammar": grammar}})
+    [error] = [e for e in events if e.command == ewp.ERROR]
+    assert error.body["code"] == ewp.INVALID_REQUEST and error.body["param"] == "grammar"
+    assert "ambiguous" in error.body["message"] or "overlap" in error.body["message"]

@@ -45,7 +45,8 @@ def test_every_code_a_worker_may_send_is_in_the_table():
 def test_worker_modules_name_error_codes_only_through_the_protocol():
     """Worker code raises and sends codes by their worker/protocol.py names, never as string literals."""
     assert named_codes(*sorted((ROOT / "worker").glob("*.py"))) == set()
-    assert ewp.ERROR_CODES == {ewp.INVALID_REQUEST, ewp.CONTEXT_LENGTH_EXCEEDED, ewp.INTERNAL_ERROR, ewp.WORKER_BUSY}
+    assert ewp.ERROR_CODES == {ewp.INVALID_REQUEST, ewp.CONTEXT_LENGTH_EXCEEDED, ewp.INTERNAL_ERROR, ewp.WORKER_BUSY,
+                               ewp.WORKER_STUCK}
 
 
 def test_every_code_the_front_end_names_is_in_the_table():

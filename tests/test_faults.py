@@ -15,9 +15,10 @@ import zmq
 
 from conftest import ROOT, ServerProcess, model_config, sse_events
 from worker import protocol as ewp
+from worker.loop import EXIT_STUCK
 
 FAKES = ("fake-echo", "fake-die", "fake-stall", "fake-garbage", "fake-absent", "fake-flaky", "fake-misfit",
-         "fake-busy")
+         "fake-busy", "fake-stuck")
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +146,14 @@ def test_a_worker_that_always_says_busy_does_not_starve_its_model(faulty):
         r = ask(faulty, "fake-busy")
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == "hello world"
+
+
+def test_a_worker_stuck_in_one_step_fails_its_jobs_and_exits(faulty):
+    """A step that never returns (a C call no Python can interrupt) makes the loop's connection
+    thread fail the worker's jobs with worker_stuck, not move them to another worker, and end the
+    process so that its supervisor starts a fresh one."""
+    proc = faulty.start_fake("stuck")
+    r = ask(faulty, "fake-stuck")
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["code"] == "worker_stuck"
+    assert proc.wait(timeout=10) == EXIT_STUCK

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.error("%s holds no secret key (use the .key_secret file)", settings.curve_secret_key_file)
             return EXIT_CANNOT_START
         curve = CurveKeys(server_public=server_public, public=public, secret=secret)
-    loop = WorkerLoop(engine, settings.connect, settings.name, curve=curve)
+    loop = WorkerLoop(engine, settings.connect, settings.name, curve=curve, step_timeout=settings.step_timeout)
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     signal.signal(signal.SIGINT, lambda *_: loop.stop())
     loop.run()

@@ -41,7 +41,7 @@ from worker.chat_output import ChoiceOutput
 from worker.chat_template import ChatTemplate, TemplateError
 from worker.loop import Event, JobError
 from worker.model import LoadedModel, ModelLoadError
-from worker.sampling import DeadEnd, SamplingParams, TokenSampler, log_probs
+from worker.sampling import DeadEnd, SamplingParams, TokenSampler, TooAmbiguous, log_probs
 from worker.settings import ModelSettings
 from worker.tool_calls import RESPONSE_OPEN, prepare_messages, template_uses_tools
 
@@ -82,6 +82,7 @@ class ChatJob:
     pending: deque[int]  # prompt tokens not yet decoded
     n_cached: int  # prompt tokens reused from the slot's cache (not prefilled again)
     top_logprobs: int | None  # alternatives per token when logprobs were asked for, else None
+    grammar_param: str | None = None  # the request field the answer's grammar comes from
     choices: list[Choice] = field(default_factory=list)
     # One slot per choice, the first prefills the prompt. A slot is the job's while its .job is
     # this job: one whose choice ended may already serve another job (see ChatEngine._held).
@@ -160,7 +161,7 @@ class ChatEngine:
         free = [s for s in self._slots if s.state is SlotState.IDLE]
         if len(free) < n:
             raise JobError(ewp.WORKER_BUSY, f"{len(free)} of this worker's slots are free; the job needs {n}")
-        choices = self._choices(request, n)
+        choices, grammar_param = self._choices(request, n)
         free.sort(key=lambda s: self._reusable(s, prompt), reverse=True)
         first, others = free[0], free[len(free) - n + 1:]  # the others: the slots whose cache is worth least
         keep = self._reusable(first, prompt)
@@ -169,7 +170,8 @@ class ChatEngine:
         first.exact = keep
         logprobs = request.get("top_logprobs", 0) if request.get("logprobs") else None
         job = ChatJob(job_id=job_id, prompt=prompt, max_tokens=request.get("max_tokens"),
-                      pending=deque(prompt[keep:]), n_cached=keep, top_logprobs=logprobs)
+                      pending=deque(prompt[keep:]), n_cached=keep, top_logprobs=logprobs,
+                      grammar_param=grammar_param)
         job.choices = choices
         for slot, choice in zip([first, *others], choices):
             slot.job, slot.choice = job, choice
@@ -209,9 +211,9 @@ class ChatEngine:
         return events
 
     # -- a job's choices -----------------------------------------------------------------
-    def _choices(self, request: dict, n: int) -> list[Choice]:
-        """One sampler and output per choice; a grammar or logit bias the model cannot take is
-        the client's error."""
+    def _choices(self, request: dict, n: int) -> tuple[list[Choice], str | None]:
+        """One sampler and output per choice, and the request field the grammar (if any) comes
+        from; a grammar or logit bias the model cannot take is the client's error."""
         grammar, param = self._grammar(request)
         bias = self._logit_bias(request.get("logit_bias") or {})
         stop = list(request.get("stop") or [])
@@ -230,7 +232,7 @@ class ChatEngine:
             for choice in choices:
                 choice.sampler.free()
             raise JobError(ewp.INVALID_REQUEST, f"{exc}: check '{param}'", param) from None
-        return choices
+        return choices, param
 
     @staticmethod
     def _grammar(request: dict) -> tuple[str | None, str | None]:
@@ -356,6 +358,10 @@ class ChatEngine:
         except DeadEnd as exc:
             raise JobError(ewp.INVALID_REQUEST, f"{exc}: the answer cannot go on; ban fewer tokens",
                            "logit_bias") from None
+        except TooAmbiguous as exc:
+            raise JobError(ewp.INVALID_REQUEST, f"{exc}: simplify it (alternatives that can start the same way, "
+                           "under recursion, cost llama.cpp's grammar engine exponential time)",
+                           job.grammar_param) from None
         if self.model.is_eog(token):
             return self._finish(slot, "stop")
         choice.n_generated += 1

@@ -15,7 +15,10 @@ the engine produces. An engine is any object with:
 The engine runs on one thread and is never touched by another; jobs and cancels reach it
 between steps. An engine fails a job it cannot go on with by reporting an ERROR event for it;
 if step() raises all the same, the loop answers every job of this worker with an
-"internal_error" ERROR, aborts them in the engine and carries on.
+"internal_error" ERROR, aborts them in the engine and carries on. A step that runs past
+``step_timeout`` (stuck in a C call no Python can interrupt) makes the connection thread answer
+every job with a "worker_stuck" ERROR and end the process (EXIT_STUCK): its supervisor starts a
+fresh one. The jobs are failed, not moved, so the job that stalled one worker stalls no other.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import zmq
 from worker import protocol as ewp
 
 log = logging.getLogger("edgellm.worker")
+
+EXIT_STUCK = 3  # the process's exit status when a step ran past step_timeout
 
 
 class JobError(Exception):
@@ -75,7 +80,7 @@ class WorkerLoop:
     """
 
     def __init__(self, engine, connect: str, model: str, *, curve: CurveKeys | None = None,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, step_timeout: float = 60.0):
         self.engine = engine
         self.connect = connect
         self.model = model
@@ -86,6 +91,8 @@ class WorkerLoop:
         self.running.set()
         self.jobs: set[str] = set()
         self.failed = False  # the connection thread gave up: the process should exit non-zero
+        self.step_timeout = step_timeout
+        self.step_started: float | None = None  # monotonic start of the step running now, if any
         self._pipe_addr = f"inproc://edgellm-worker-{self.worker_id}"
 
     def stop(self) -> None:
@@ -112,6 +119,7 @@ class WorkerLoop:
             pipe.close(0)
 
     def _step(self, pipe: zmq.Socket) -> None:
+        self.step_started = time.monotonic()
         try:
             events = self.engine.step()
         except Exception as exc:
@@ -120,6 +128,8 @@ class WorkerLoop:
             events = [Event(job_id, ewp.ERROR, ewp.error_body(
                 ewp.INTERNAL_ERROR, f"the worker failed ({type(exc).__name__}); please retry")) for job_id in self.jobs]
             self._abort_all()
+        finally:
+            self.step_started = None
         for event in events:
             if event.job_id not in self.jobs:
                 continue  # already answered
@@ -196,6 +206,19 @@ class WorkerLoop:
         log.info("worker %s: registered model %r at %s", self.worker_id, self.model, self.connect)
         return sock
 
+    def _give_up_stuck(self, broker: zmq.Socket, seconds: float) -> None:
+        """The compute thread is stuck in one step: fail every job, then end the process."""
+        jobs = list(self.jobs)
+        log.error("worker %s: one step has run for %.0fs (step_timeout %gs); failing %d job(s) and exiting",
+                  self.worker_id, seconds, self.step_timeout, len(jobs))
+        for job_id in jobs:
+            broker.send_multipart(ewp.encode(ewp.ERROR, job_id, ewp.error_body(
+                ewp.WORKER_STUCK, f"the worker spent over {self.step_timeout:g}s on one step of its jobs (a grammar "
+                "or schema too ambiguous for llama.cpp's grammar engine can do that) and restarts; this request "
+                "was one of them")))
+        broker.close(linger=1000)  # let the ERRORs go out before the process ends
+        os._exit(EXIT_STUCK)
+
     def _connection_loop(self) -> None:
         try:
             self._connect_and_relay()
@@ -240,6 +263,8 @@ class WorkerLoop:
                 while pipe.poll(0, zmq.POLLIN):
                     broker.send_multipart(pipe.recv_multipart())
             now = time.monotonic()
+            if self.step_started is not None and now - self.step_started > self.step_timeout:
+                self._give_up_stuck(broker, now - self.step_started)
             if now >= next_heartbeat:
                 broker.send_multipart(ewp.encode(ewp.HEARTBEAT))
                 next_heartbeat = now + ewp.HEARTBEAT_INTERVAL

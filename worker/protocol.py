@@ -127,7 +127,8 @@ INVALID_REQUEST = "invalid_request_error"
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 INTERNAL_ERROR = "internal_error"
 WORKER_BUSY = "worker_busy"  # no free slot after all: the broker gives the job to another worker
-ERROR_CODES = frozenset({INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED, INTERNAL_ERROR, WORKER_BUSY})
+WORKER_STUCK = "worker_stuck"  # a step ran past step_timeout: the worker fails its jobs and restarts
+ERROR_CODES = frozenset({INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED, INTERNAL_ERROR, WORKER_BUSY, WORKER_STUCK})
 
 # The kinds of model a worker serves (READY "kind") and of job it runs (JOB "kind").
 JOB_CHAT = "chat"

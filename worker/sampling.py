@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import math
 import random
+import time
 from dataclasses import dataclass
 
 import llama_cpp as lc
@@ -19,6 +20,11 @@ BANNED = -100  # OpenAI's logit_bias: -100 bans a token, which adding -100 to a 
 # request's logit bias) are checked against it first: the whole vocabulary (49k tokens for
 # SmolLM2) only when none of them may come next.
 SHORTLIST = 128
+# A grammar whose alternatives overlap under recursion makes llama.cpp's grammar engine track a
+# number of parses that can double with every character: its work for one token then grows
+# without bound. Past this many seconds for one token the answer is refused as too ambiguous,
+# while the next token's cost is still bounded (the worker's step_timeout is the backstop).
+GRAMMAR_SECONDS_PER_TOKEN = 1.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,10 @@ class SamplingParams:
 class DeadEnd(ValueError):
     """Every token the grammar allows here is banned (logit_bias): nothing may be drawn. (llama.cpp
     aborts the process if a grammar is handed a token it refused, so none ever is.)"""
+
+
+class TooAmbiguous(ValueError):
+    """The grammar took over GRAMMAR_SECONDS_PER_TOKEN for one token."""
 
 
 _CANDIDATE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
@@ -143,6 +153,7 @@ class TokenSampler:
         """Sample from the index-th output row of the last decode and accept the token."""
         if self.grammar is None:
             return lc.llama_sampler_sample(self.chain, ctx, index)
+        started = time.monotonic()
         logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
         token = self._draw(self._candidates.fill(logits), grammar_first=False)
         check = self._candidates.single(token)
@@ -155,6 +166,9 @@ class TokenSampler:
                 raise DeadEnd("every token the grammar allows here is banned by logit_bias")
         lc.llama_sampler_accept(self.grammar, token)
         lc.llama_sampler_accept(self.chain, token)
+        spent = time.monotonic() - started
+        if spent > GRAMMAR_SECONDS_PER_TOKEN:
+            raise TooAmbiguous(f"the grammar took {spent:.1f}s for one token (its alternatives overlap too much)")
         return token
 
     def _shortlist(self, logits: np.ndarray) -> np.ndarray:

@@ -78,6 +78,10 @@ class ModelSettings:
                             help="requests one worker decodes together (slots)")
     threads: int | None = setting(None, flag="--threads", type=int, min=1,
                                   help="threads per worker (default: its pinned cores, else all cores)")
+    step_timeout: float = setting(60.0, flag="--step-timeout", type=float, min=1,
+                                  help="seconds one engine step may take; past that the worker fails its jobs "
+                                       "and exits, and the supervisor restarts it (a grammar too ambiguous "
+                                       "for llama.cpp's grammar engine can stall one step for hours)")
     n_gpu_layers: int = setting(0, flag="--n-gpu-layers", type=int, min=0, help="layers to offload to the GPU")
     chat_template: str | None = setting(None, flag="--chat-template", server_flag=None,
                                         help="a Jinja chat template overriding the model's")

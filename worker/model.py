@@ -107,5 +107,18 @@ class LoadedModel:
             n = lc.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
         return self._piece_buf.raw[:n]
 
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of ``tokens``, special tokens written out (so tokenize(..., parse_special=True)
+        can read them back)."""
+        array = (lc.llama_token * len(tokens))(*tokens)
+        capacity = 8 * len(tokens) + 16
+        buf = ctypes.create_string_buffer(capacity)
+        n = lc.llama_detokenize(self.vocab, array, len(tokens), buf, capacity, False, True)
+        if n < 0:
+            capacity = -n
+            buf = ctypes.create_string_buffer(capacity)
+            n = lc.llama_detokenize(self.vocab, array, len(tokens), buf, capacity, False, True)
+        return buf.raw[:n].decode("utf-8", "replace")
+
     def is_eog(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))

@@ -30,6 +30,7 @@ from frontend.access import AccessPolicy, exposure_warnings
 from frontend.broker import Broker, BrokerLimits, RemoteListener, Watchdog
 from frontend.chat_api import ChatAnswer, ChatResponder, check_chat_context, parse_chat
 from frontend.completions_api import CompletionAnswer, check_completion_context, parse_completion
+from frontend.completions_api import with_defaults as completion_defaults
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
 from frontend.embeddings_api import check_input_context, embeddings_response, parse_embeddings
 from frontend.errors import APIError, as_api_error, bad_request, error_response
@@ -39,6 +40,7 @@ from frontend.http_server import HTTPLimits, HTTPServer
 from frontend.jobs import JobClient, JobGroup, JobRunner, disconnect_check, in_order
 from frontend.rag import Knowledge, check_text_file, last_user_text, merge_context, parse_chunk_capacity
 from frontend.request_body import read_json
+from frontend.request_ids import HEADER as REQUEST_ID_HEADER, loggable_path, request_id
 from frontend.responses_api import HISTORY_JSON_FACTOR, ResponsesRequest, parse_responses
 from frontend.responses_output import ResponseBuilder
 from frontend.supervisor import Supervisor
@@ -48,6 +50,7 @@ from worker.keys import KeyFileError, authorized_keys
 from worker.settings import ModelSettings
 
 log = logging.getLogger("edgellm.server")
+access_log = logging.getLogger("edgellm.access")  # one line per request, naming its x-request-id
 
 __version__ = "0.1.0"
 
@@ -95,6 +98,7 @@ class EdgeLLM:
             Rule("/v1/embeddings", endpoint="embeddings", methods=["POST"]),
             Rule("/v1/retrieve", endpoint="retrieve", methods=["POST"]),
             Rule("/v1/models", endpoint="models", methods=["GET", "POST"]),
+            Rule("/v1/models/<path:model_id>", endpoint="model", methods=["GET"]),
             Rule("/v1/files", endpoint="upload_file", methods=["POST"]),
             Rule("/v1/files", endpoint="list_files", methods=["GET"]),
             Rule("/v1/files/<file_id>", endpoint="get_file", methods=["GET"]),
@@ -135,10 +139,16 @@ class EdgeLLM:
         return self.access.add_cors_headers(request, response)
 
     def wsgi_app(self, environ, start_response):
+        started = time.monotonic()
         request = Request(environ)
         request.max_content_length = self.config.max_body_bytes
         request.max_form_memory_size = self.config.max_body_bytes
+        rid = request_id(environ)
         response = self.dispatch_request(request)
+        response.headers[REQUEST_ID_HEADER] = rid
+        # A stream is logged when its status is committed, before its body is sent.
+        access_log.info("%s %s %s %d %.0fms", rid, request.method, loggable_path(request.path),
+                        response.status_code, (time.monotonic() - started) * 1000)
         return response(environ, start_response)
 
     def __call__(self, environ, start_response):
@@ -177,7 +187,10 @@ class EdgeLLM:
         return names
 
     def resolve_model(self, name: str | None, kind: str) -> str:
+        """The model a request names (or an alias of it), checked to be of ``kind``; none named: the
+        first model of that kind."""
         models = self.model_names()
+        name = self.config.aliases().get(name, name)
         if name is None:
             default = next((n for n, k in models.items() if k == kind), None)
             if default is None:
@@ -225,9 +238,11 @@ class EdgeLLM:
 
     def prepare_chat(self, call, model: str) -> None:
         """What every chat job (chat completions and responses) goes through once its model is known:
-        the context and slot checks, and the model's RAG context merged into its messages."""
+        the context and slot checks, the model's sampling defaults, and the model's RAG context merged
+        into its messages."""
         check_chat_context(call, self.context_size(model), self.config.chars_per_token)
         self.check_choices(call.n, model)
+        call.job = self.with_model_defaults(model, call.job)
         model_config = self.config.model(model)
         if model_config and model_config.rag_collection and call.rag:
             if self.store.get_collection(model_config.rag_collection) is None:
@@ -239,6 +254,12 @@ class EdgeLLM:
                                            model=None, limit=self.config.retrieve_limit,
                                            score_threshold=self.config.score_threshold)
             call.job["messages"] = merge_context(call.job["messages"], hits, model_config)
+
+    def with_model_defaults(self, model: str, job: dict) -> dict:
+        """A chat job with the model's configured sampling defaults where its request set none
+        (ModelConfig.with_defaults; a model registered by hand has none)."""
+        model_config = self.config.model(model)
+        return model_config.with_defaults(job) if model_config else job
 
     def check_choices(self, n: int, model: str) -> None:
         """A request for n choices takes n slots of one worker: of those registered, or else of those
@@ -278,6 +299,7 @@ class EdgeLLM:
         model = self.resolve_model(call.model, ewp.JOB_CHAT)
         check_completion_context(call, self.context_size(model), self.config.chars_per_token)
         self.check_choices(call.n, model)
+        call.jobs = [completion_defaults(job, lambda j: self.with_model_defaults(model, j)) for job in call.jobs]
         answer = CompletionAnswer(model, call)
         group = JobGroup(self.jobs, model, call.jobs, disconnect_check(request.environ))
         messages = group.messages()
@@ -394,7 +416,8 @@ class EdgeLLM:
     def on_retrieve(self, request: Request) -> Response:
         body = self.json_body(request)
         call = parse_chat(body, self.limits, endpoint="retrieve")
-        if call.model is not None and self.model_names().get(call.model) == ewp.JOB_CHAT:
+        if call.model is not None and \
+                self.model_names().get(self.config.aliases().get(call.model, call.model)) == ewp.JOB_CHAT:
             call.model = None  # a chat model named here (as RAG clients do) leaves the collection's own
         elif call.model is not None:
             self.resolve_model(call.model, ewp.JOB_EMBEDDING)
@@ -452,10 +475,27 @@ class EdgeLLM:
                                                                  "total_tokens": result.prompt_tokens}})
 
     # -- listing and health --------------------------------------------------------------
+    def model_list(self) -> list[dict]:
+        """The model objects of /v1/models: every model, then every alias as an entry of its own
+        (with ``alias_of`` naming its model), so that a client which checks a name against the
+        list, or retrieves it, finds an alias too."""
+        names = self.model_names()
+        data = [{"id": name, "created": self.created, "object": "model", "owned_by": "edgellm"} for name in names]
+        data += [{"id": alias, "created": self.created, "object": "model", "owned_by": "edgellm", "alias_of": name}
+                 for alias, name in self.config.aliases().items() if alias not in names]
+        return data
+
     def on_models(self, request: Request) -> Response:
-        data = [{"id": name, "created": self.created, "object": "model", "owned_by": "edgellm"}
-                for name in self.model_names()]
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": self.model_list()})
+
+    def on_model(self, request: Request, model_id: str) -> Response:
+        data = self.model_list()
+        found = next((m for m in data if m["id"] == model_id), None)
+        if found is None:
+            listed = ", ".join(sorted(m["id"] for m in data)) or "none"
+            raise APIError("unknown_model", f"model '{model_id[:256]}' is not served here; available models: "
+                           f"{listed}", "model")
+        return json_response(found)
 
     def on_health(self, request: Request) -> Response:
         problem = self.broker.problem()

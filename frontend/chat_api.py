@@ -8,6 +8,7 @@ the JSON answer or the SSE chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import secrets
@@ -16,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from frontend import validation as v
+from frontend.config import SAMPLING_DEFAULTS, ModelConfig
 from frontend.errors import APIError, bad_request
 from worker import protocol as ewp
 
@@ -31,6 +33,14 @@ TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")  # a logit_bias key: a decimal token
 TEXT_ONLY_PARTS = {"image_url", "input_audio", "file", "input_image", "input_file"}  # chat's and Responses' names
 
 HONOURED, IGNORED, REFUSED = "honoured", "accepted, ignored", "refused (400)"
+_MODEL_SETTINGS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+
+
+def _default(key: str, engine: str) -> str:
+    """Where a sampling field's default comes from, for the README: the request, else the model's
+    setting (config key and flag), else the engine's value ``engine``."""
+    assert key in SAMPLING_DEFAULTS
+    return f"default: the model's `{key}` (`{_MODEL_SETTINGS[key].metadata['flag']}`), else {engine}"
 
 
 @dataclass(frozen=True)
@@ -48,14 +58,14 @@ FIELDS: dict[str, Field] = {
                       "`assistant` (with `tool_calls`), `tool` (with `tool_call_id`); text content only; `name` "
                       "is dropped"),
     "model": Field(HONOURED, "a configured or registered chat model; default: the first"),
-    "frequency_penalty": Field(HONOURED, "−2–2, default 0, over the last 64 tokens"),
-    "presence_penalty": Field(HONOURED, "−2–2, default 0, over the last 64 tokens"),
+    "frequency_penalty": Field(HONOURED, f"−2–2, over the last 64 tokens; {_default('frequency_penalty', '0')}"),
+    "presence_penalty": Field(HONOURED, f"−2–2, over the last 64 tokens; {_default('presence_penalty', '0')}"),
     "logit_bias": Field(HONOURED, f"≤ {MAX_LOGIT_BIAS} token ids → −100–100 (−100 bans); an id outside "
                         "the vocabulary is a 400"),
     "logprobs": Field(HONOURED, "per-token log-probabilities, before temperature and penalties"),
     "top_logprobs": Field(HONOURED, f"0–{ewp.MAX_TOP_LOGPROBS}; needs `logprobs: true`"),
-    "max_completion_tokens": Field(HONOURED, "1 – context − 1; wins over `max_tokens`; default: until the "
-                                   "context is full"),
+    "max_completion_tokens": Field(HONOURED, "1 – context − 1; wins over `max_tokens`; "
+                                   + _default("max_tokens", "until the context is full")),
     "max_tokens": Field(HONOURED, "as `max_completion_tokens`"),
     "modalities": Field(HONOURED, '`["text"]` only; anything else is a 400'),
     "n": Field(HONOURED, f"1–{MAX_N} choices from one prompt; at most the model's worker slots"),
@@ -68,8 +78,8 @@ FIELDS: dict[str, Field] = {
                   "when split across tokens; a 400 beside a constrained answer (JSON, grammar, tools)"),
     "stream": Field(HONOURED, "server-sent events"),
     "stream_options": Field(HONOURED, "`include_usage`; `include_obfuscation` is accepted and ignored"),
-    "temperature": Field(HONOURED, "0–2, default 1; 0 is greedy"),
-    "top_p": Field(HONOURED, "0–1, default 1"),
+    "temperature": Field(HONOURED, f"0–2, 0 is greedy; {_default('temperature', '1')}"),
+    "top_p": Field(HONOURED, f"0–1; {_default('top_p', '1')}"),
     "tools": Field(HONOURED, f"≤ {MAX_TOOLS} `function` tools; `parameters` a JSON schema"),
     "tool_choice": Field(HONOURED, "`none`, `auto` (default with tools), `required`, or a named function; "
                          "with `auto` and a JSON `response_format` the answer is a call or that JSON; tools beside "
@@ -90,9 +100,10 @@ FIELDS: dict[str, Field] = {
     "verbosity": Field(REFUSED, "there is no verbosity control: use the prompt or max_tokens"),
     "web_search_options": Field(REFUSED, "this server cannot search the web"),
     "moderation": Field(REFUSED, "this server runs no moderation"),
-    "top_k": Field(HONOURED, "llama.cpp extension; default 40"),
-    "min_p": Field(HONOURED, "llama.cpp extension; 0–1, default 0.05"),
-    "repeat_penalty": Field(HONOURED, "llama.cpp extension; above 0 – 10, default 1 (off)"),
+    "top_k": Field(HONOURED, f"llama.cpp extension; 0 is off; {_default('top_k', '40')}"),
+    "min_p": Field(HONOURED, f"llama.cpp extension; 0–1; {_default('min_p', '0.05')}"),
+    "repeat_penalty": Field(HONOURED, "llama.cpp extension; above 0 – 10, 1 is off; "
+                            + _default("repeat_penalty", "1")),
     "grammar": Field(HONOURED, f"llama.cpp extension: a GBNF grammar (≤ {MAX_CLIENT_GRAMMAR_CHARS // 1024} KiB) the "
                      "answer follows"),
     "json_schema": Field(HONOURED, "llama.cpp extension: as `response_format` `json_schema`, the schema alone"),

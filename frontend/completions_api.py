@@ -40,7 +40,8 @@ FIELDS: dict[str, Field] = {
     "logit_bias": Field(HONOURED, "as in chat"),
     "logprobs": Field(HONOURED, f"0–{MAX_LOGPROBS}: `tokens`, `token_logprobs`, `top_logprobs` (that many "
                       "alternatives) and `text_offset` (into the choice's text)"),
-    "max_tokens": Field(HONOURED, f"1 – context − 1, default {DEFAULT_MAX_TOKENS} (OpenAI's)"),
+    "max_tokens": Field(HONOURED, f"1 – context − 1; default: the model's `max_tokens` (`--n-predict`), else "
+                        f"{DEFAULT_MAX_TOKENS} (OpenAI's)"),
     "n": Field(HONOURED, "choices per prompt, as in chat"),
     "presence_penalty": Field(HONOURED, "as in chat"),
     "seed": Field(HONOURED, "as in chat"),
@@ -118,7 +119,7 @@ def parse_completion(body: dict) -> CompletionCall:
                           "or the other", "echo")
     shared = {
         "kind": ewp.JOB_CHAT,
-        "max_tokens": v.integer(body, "max_tokens", 1, default=DEFAULT_MAX_TOKENS),
+        "max_tokens": v.integer(body, "max_tokens", 1),  # default: with_defaults()
         **chat_api.parse_sampling(body),
         "n": n if n > 1 else None,
         "logprobs": True if logprobs is not None else None,
@@ -129,6 +130,15 @@ def parse_completion(body: dict) -> CompletionCall:
     shared = {k: val for k, val in shared.items() if val is not None}
     return CompletionCall(v.string(body, "model"), [{**shared, **p} for p in prompts], n, v.boolean(body, "stream"),
                           chat_api.parse_stream_options(body), logprobs)
+
+
+def with_defaults(job: dict, model_defaults) -> dict:
+    """A completion job with the model's sampling defaults (``model_defaults``, the server's
+    with_model_defaults for this model) where the request set none, and then this endpoint's
+    max_tokens default."""
+    job = model_defaults(job)
+    job.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    return job
 
 
 def check_completion_context(call: CompletionCall, n_ctx: int, chars_per_token: int) -> None:

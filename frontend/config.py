@@ -17,6 +17,7 @@ from pathlib import Path
 
 from frontend.access import api_key_problem, host_setting_problem, is_loopback as is_loopback_host
 from frontend.access import origin_setting_problem
+from frontend.validation import INT32_MAX
 from worker import protocol as ewp
 from worker.settings import ModelSettings, field_problems, server_flags, setting
 
@@ -31,6 +32,12 @@ RAG_POLICIES = ("system-message", "last-user-message")  # the first is the defau
 # smaller chunks carry too little text to retrieve by, and let a small file fan out into thousands.
 MIN_CHUNK_CAPACITY = 16
 MAX_CHUNK_CAPACITY = 100_000  # the worker caps it at the embedding model's input size anyway
+# The per-model sampling defaults (ModelConfig fields of the same names as the request fields): a
+# chat request's own field wins, then the model's setting, then the engine's default
+# (worker/sampling.py SamplingParams; max_tokens: until the context is full). ModelConfig.with_defaults
+# is the one place that merges them.
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty", "max_tokens")
 RAG_PROMPT = ("Use the following context to answer the question. If the context does not contain the "
               "answer, say that you do not know.\n----------------\n")
 
@@ -47,6 +54,55 @@ class ModelConfig(ModelSettings):
     rag_collection: str | None = None  # chat models: retrieve from this collection for every chat
     rag_policy: str = RAG_POLICIES[0]  # where the retrieved context goes
     rag_prompt: str | None = None  # the words put before the context (default: RAG_PROMPT)
+    # Other names clients may use for this model (a client that hard-codes gpt-4o-mini reaches it).
+    # The flag, as LlamaEdge's, gives one alias per model in the models' order.
+    aliases: tuple[str, ...] = setting((), flag="--model-alias",
+                                       help="another name clients may use for the model, one per model in "
+                                            "order (empty: none), e.g. gpt-4o-mini,text-embedding-3-small")
+    # Sampling defaults (SAMPLING_DEFAULTS): flags named as LlamaEdge's (--temp, --top-p, --repeat-penalty,
+    # --presence-penalty, --frequency-penalty, --n-predict) and llama-server's (--top-k, --min-p).
+    temperature: float | None = setting(None, flag="--temp", type=float, min=0, max=2,
+                                        help="chat models: temperature of requests that send none (0: greedy)")
+    top_p: float | None = setting(None, flag="--top-p", type=float, min=0, max=1,
+                                  help="chat models: top_p of requests that send none")
+    top_k: int | None = setting(None, flag="--top-k", type=int, min=0, max=INT32_MAX,
+                                help="chat models: top_k of requests that send none (0: off)")
+    min_p: float | None = setting(None, flag="--min-p", type=float, min=0, max=1,
+                                  help="chat models: min_p of requests that send none")
+    repeat_penalty: float | None = setting(None, flag="--repeat-penalty", type=float, min=0, max=10,
+                                           help="chat models: repeat_penalty of requests that send none (1: off)")
+    presence_penalty: float | None = setting(None, flag="--presence-penalty", type=float, min=-2, max=2,
+                                             help="chat models: presence_penalty of requests that send none")
+    frequency_penalty: float | None = setting(None, flag="--frequency-penalty", type=float, min=-2, max=2,
+                                              help="chat models: frequency_penalty of requests that send none")
+    max_tokens: int | None = setting(None, flag="--n-predict", type=int, min=1,
+                                     help="chat models: most tokens in an answer whose request sets no "
+                                          "max_tokens (default: until the context is full)")
+
+    def sampling_defaults(self) -> dict:
+        """The sampling defaults this model is configured with (unset ones left out)."""
+        return {key: getattr(self, key) for key in SAMPLING_DEFAULTS if getattr(self, key) is not None}
+
+    def with_defaults(self, job: dict) -> dict:
+        """A chat job with this model's sampling defaults for the fields its request left out: the
+        request's own value, else the model's, else (absent from the job) the engine's. The front end
+        merges them so that a worker stays stateless."""
+        return {**self.sampling_defaults(), **job}
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if found:
+            return found
+        if self.repeat_penalty == 0:
+            found.append("repeat_penalty must be above 0 (1 turns it off)")
+        if self.max_tokens is not None and self.max_tokens >= self.ctx_size:
+            found.append(f"max_tokens ({self.max_tokens}) must be below ctx_size ({self.ctx_size}): the context "
+                         "holds the prompt too")
+        if self.kind != ewp.JOB_CHAT and self.sampling_defaults():
+            found.append(f"sampling defaults ({', '.join(self.sampling_defaults())}) apply to chat models only")
+        if any(not alias.strip() or alias != alias.strip() for alias in self.aliases):
+            found.append(f"aliases must be non-empty names without surrounding spaces, not {list(self.aliases)!r}")
+        return found
 
 
 @dataclass
@@ -146,6 +202,10 @@ class ServerConfig:
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
+    def aliases(self) -> dict[str, str]:
+        """Every configured alias -> the name of its model."""
+        return {alias: m.name for m in self.models for alias in m.aliases}
+
     def problems(self) -> list[str]:
         found = field_problems(self)
         if not found and self.max_file_bytes >= self.max_body_bytes:
@@ -158,6 +218,7 @@ _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 _SERVER_FIELDS = [f for f in fields(ServerConfig) if f.name != "models"]
 _SERVER_KEYS = {f.name for f in _SERVER_FIELDS}
 _LIST_KEYS = {f.name for f in _SERVER_FIELDS if isinstance(f.default, tuple)}
+_MODEL_LIST_KEYS = {f.name for f in fields(ModelConfig) if isinstance(f.default, tuple)}
 
 
 def default_worker_addr(port: int) -> str:
@@ -168,8 +229,9 @@ def default_worker_addr(port: int) -> str:
 def add_server_flags(p: argparse.ArgumentParser) -> None:
     """Every flag of the server's command line; each overrides the config file's value."""
     p.add_argument("--config", help="TOML file listing models and server settings")
-    for _, flag, _, help_text in server_flags(ModelConfig):
-        p.add_argument(flag, help=f"{help_text}; comma-separated, one value or one per model")
+    for key, flag, _, help_text in server_flags(ModelConfig):
+        per_model = "" if key in _MODEL_LIST_KEYS else "; comma-separated, one value or one per model"
+        p.add_argument(flag, help=help_text + per_model)
     for f in _SERVER_FIELDS:
         default = f" (default {f.default})" if f.default not in (None, "", ()) else ""
         p.add_argument(f.metadata["flag"], dest=f.name, type=f.metadata["type"], choices=f.metadata["choices"],
@@ -198,7 +260,9 @@ def _model_from_table(table: dict, base: Path) -> ModelConfig:
 
 def _models_from_flags(args: argparse.Namespace, file_models: list[ModelConfig]) -> list[ModelConfig]:
     """The models: those the flags name (--model-name/--model-path), else the config file's; the
-    other per-model flags then set a value for every model, or one per model."""
+    other per-model flags then set a value for every model, or one per model. A list setting's flag
+    (--model-alias) gives the models one item each, in order (fewer values: the first models; an
+    empty value: none). A single sampling default applies to the chat models alone."""
     names, paths = _split(args.model_name), _split(args.model_path)
     if len(names) != len(paths):
         raise ConfigError(f"--model-name lists {len(names)} names but --model-path {len(paths)} paths")
@@ -207,9 +271,17 @@ def _models_from_flags(args: argparse.Namespace, file_models: list[ModelConfig])
         values = _split(getattr(args, _dest(flag)))
         if not values or key in ("name", "path"):
             continue
+        if key in _MODEL_LIST_KEYS:
+            if len(values) > len(models):
+                raise ConfigError(f"{flag} lists {len(values)} values for {len(models)} models (one each)")
+            for model, value in zip(models, values):
+                setattr(model, key, (convert(value),) if value else ())
+            continue
         if len(values) not in (1, len(models)):
             raise ConfigError(f"{flag} needs one value or one per model ({len(models)})")
         for i, model in enumerate(models):
+            if key in SAMPLING_DEFAULTS and len(values) == 1 and model.kind != ewp.JOB_CHAT:
+                continue
             value = values[i if len(values) > 1 else 0]
             try:
                 setattr(model, key, convert(value))
@@ -323,6 +395,22 @@ def validate(config: ServerConfig) -> None:
             if getattr(m, key) and len(getattr(m, key)) != m.workers:
                 raise ConfigError(f"model {m.name!r}: {key} lists {len(getattr(m, key))} entries for "
                                   f"{m.workers} workers")
+    _check_aliases(config)
+
+
+def _check_aliases(config: ServerConfig) -> None:
+    """Each name (model or alias) stands for one model: an alias may be neither a model's name nor
+    another alias."""
+    names = {m.name for m in config.models}
+    owners: dict[str, str] = {}
+    for m in config.models:
+        for alias in m.aliases:
+            if alias in names:
+                raise ConfigError(f"model {m.name!r}: alias {alias!r} is the name of a model")
+            if alias in owners:
+                raise ConfigError(f"model {m.name!r}: alias {alias!r} is already an alias of model "
+                                  f"{owners[alias]!r}")
+            owners[alias] = m.name
 
 
 def is_loopback(addr: str) -> bool:

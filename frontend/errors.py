@@ -26,7 +26,10 @@ RETRY_AFTER_SECONDS = 1  # the Retry-After header sent with every retryable erro
 class ErrorKind:
     status: int
     type: str  # the OpenAI error type
-    retryable: bool = False  # the same request may succeed later: the response carries Retry-After
+    # The same request may succeed later: the response carries Retry-After. Every error also says
+    # so in x-should-retry, which the openai SDK (and clients built on it) obey instead of guessing
+    # from the status: a 500 model_not_found is then not retried.
+    retryable: bool = False
 
 
 _CLIENT = "invalid_request_error"
@@ -49,6 +52,7 @@ ERRORS: dict[str, ErrorKind] = {
     "invalid_request_error": ErrorKind(400, _CLIENT),
     "array_above_max_length": ErrorKind(400, _CLIENT),  # too many messages or inputs (OpenAI's code)
     "model_not_found": ErrorKind(500, _SERVER),  # 500, as the LlamaEdge spec documents
+    "unknown_model": ErrorKind(404, _NOT_FOUND),  # GET /v1/models/{id}: a lookup's miss (the spec has no row)
     "wrong_model_kind": ErrorKind(400, _CLIENT),
     "embedding_model_mismatch": ErrorKind(400, _CLIENT),
     "unsupported_file_type": ErrorKind(415, _CLIENT),
@@ -166,6 +170,7 @@ def error_response(exc: BaseException) -> Response:
     error = as_api_error(exc)
     if error.kind.retryable:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    headers["x-should-retry"] = "true" if error.kind.retryable else "false"
     if error.code == "invalid_api_key":
         headers["WWW-Authenticate"] = 'Bearer realm="edgellm"'
     return Response(json.dumps(error.body()), status=error.status, mimetype="application/json", headers=headers)

@@ -38,8 +38,10 @@ from waitress.utilities import Error as WaitressError
 
 from frontend.errors import APIError, error_response
 from frontend.jobs import STOPPING_KEY
+from frontend.request_ids import HEADER as REQUEST_ID_HEADER, new_request_id
 
 log = logging.getLogger("edgellm.http")
+access_log = logging.getLogger("edgellm.access")
 
 FD_RESERVE = 256  # file descriptors kept for everything but HTTP connections (workers, store, ZeroMQ)
 REFUSAL_LINGER = 2.0  # seconds a refused connection may take to read its 503 before it is closed
@@ -87,8 +89,10 @@ def raw_response(exc: APIError) -> bytes:
     """A whole HTTP/1.1 response for ``exc`` that closes the connection (for sockets no channel serves)."""
     response = error_response(exc)
     body = response.get_data()
+    rid = new_request_id()
+    access_log.info("%s - - %d (refused: %s)", rid, response.status_code, exc.code)
     headers = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
-    headers += [("Content-Length", str(len(body))), ("Connection", "close")]
+    headers += [(REQUEST_ID_HEADER, rid), ("Content-Length", str(len(body))), ("Connection", "close")]
     head = f"HTTP/1.1 {response.status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
     return head.encode("latin-1") + body
 
@@ -105,10 +109,14 @@ class _ErrorTask(ErrorTask):
     """waitress's error responses, as the API's JSON error body (frontend/errors.py)."""
 
     def execute(self):
-        response = error_response(api_error_for(self.request.error))
+        error = api_error_for(self.request.error)
+        response = error_response(error)
         body = response.get_data()
+        rid = new_request_id()  # the request could not be read: its own X-Request-Id is not trusted
+        access_log.info("%s %s - %d (%s)", rid, self.request.command or "-", response.status_code, error.code)
         self.status = response.status
         self.response_headers.extend((k, v) for k, v in response.headers.items() if k.lower() != "content-length")
+        self.response_headers.append((REQUEST_ID_HEADER, rid))
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
@@ -204,8 +212,6 @@ class HTTPServer(TcpWSGIServer):
         self.stopping = threading.Event()  # set when running requests must be cancelled
         self.draining = False
         self.refusals: list[_Refusal] = []
-        self._busy_response = raw_response(APIError(
-            "server_busy", f"too many open connections (limit {self.max_connections}); retry shortly"))
         self._drain_requested = threading.Event()
         self._hurry = threading.Event()
         adj = Adjustments(
@@ -255,7 +261,9 @@ class HTTPServer(TcpWSGIServer):
             sock.close()
             return
         try:
-            self.refusals.append(_Refusal(sock, self._busy_response, self._map))
+            busy = APIError("server_busy", f"too many open connections (limit {self.max_connections}); "
+                            "retry shortly")
+            self.refusals.append(_Refusal(sock, raw_response(busy), self._map))
         except OSError:  # the client is gone already
             sock.close()
 

@@ -9,7 +9,7 @@ import pytest
 
 from frontend import completions_api as ca
 from frontend.chat_api import REFUSED, fields_table
-from frontend.completions_api import CompletionAnswer, check_completion_context, parse_completion
+from frontend.completions_api import CompletionAnswer, check_completion_context, parse_completion, with_defaults
 from frontend.errors import APIError
 from test_request_parsing import api_error
 
@@ -29,7 +29,11 @@ def test_every_openai_field_has_a_row_and_the_readme_holds_the_table():
 def test_a_text_prompt_is_one_chat_job_with_openai_defaults():
     call = parse_completion({"prompt": "Once upon a time", "model": "m"})
     assert call.model == "m" and call.n == 1 and not call.stream and call.logprobs is None
-    assert call.jobs == [{"kind": "chat", "prompt": "Once upon a time", "max_tokens": 16, "stop": []}]
+    assert call.jobs == [{"kind": "chat", "prompt": "Once upon a time", "stop": []}]
+    [job] = call.jobs
+    assert with_defaults(dict(job), lambda j: j)["max_tokens"] == 16  # OpenAI's, when the model sets none
+    assert with_defaults(dict(job), lambda j: {"max_tokens": 40, **j})["max_tokens"] == 40  # the model's
+    assert with_defaults({**job, "max_tokens": 5}, lambda j: {"max_tokens": 40, **j})["max_tokens"] == 5
 
 
 @pytest.mark.parametrize("prompt, expected", [

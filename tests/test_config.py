@@ -149,3 +149,67 @@ def test_per_model_flags_override_the_config_files_models(tmp_path, model_file):
 def test_socket_addr_without_a_port_is_refused(model_file):
     with pytest.raises(ConfigError, match="HOST:PORT"):
         parse("--model-name", "m", "--model-path", str(model_file), "--socket-addr", "localhost")
+
+
+# -- model aliases and sampling defaults (issue 10) ------------------------------------------------
+def test_aliases_from_the_file_and_from_the_flag(tmp_path, model_file):
+    config_path = tmp_path / "edgellm.toml"
+    config_path.write_text(f'[[models]]\nname = "chat"\npath = "{model_file}"\naliases = ["gpt-4o-mini", "gpt-4o"]\n'
+                           f'[[models]]\nname = "embed"\npath = "{model_file}"\nkind = "embedding"\n')
+    config = parse("--config", str(config_path))
+    assert config.aliases() == {"gpt-4o-mini": "chat", "gpt-4o": "chat"}
+    # LlamaEdge's --model-alias: one alias per model, in order; an empty item gives none
+    config = parse("--model-name", "a,b", "--model-path", f"{model_file},{model_file}", "--model-kind",
+                   "chat,embedding", "--model-alias", ",text-embedding-3-small")
+    assert config.aliases() == {"text-embedding-3-small": "b"}
+    assert parse("--model-name", "a,b", "--model-path", f"{model_file},{model_file}",
+                 "--model-alias", "x").aliases() == {"x": "a"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-alias", "b"], "alias 'b' is the name of a model"),
+    (["--model-alias", "a,"], "alias 'a' is the name of a model"),
+    (["--model-alias", "x,x"], "alias 'x' is already an alias of model 'a'"),
+    (["--model-alias", "x,y,z"], "lists 3 values for 2 models"),
+])
+def test_an_alias_names_one_model(model_file, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse("--model-name", "a,b", "--model-path", f"{model_file},{model_file}", *argv)
+
+
+def test_sampling_defaults_from_flags_apply_to_chat_models(model_file):
+    config = parse("--model-name", "a,e", "--model-path", f"{model_file},{model_file}", "--model-kind",
+                   "chat,embedding", "--temp", "0.1", "--top-p", "0.9", "--top-k", "20", "--min-p", "0.1",
+                   "--repeat-penalty", "1.1", "--presence-penalty", "0.5", "--frequency-penalty", "-0.5",
+                   "--n-predict", "100")
+    chat, embedding = config.models
+    assert chat.sampling_defaults() == {"temperature": 0.1, "top_p": 0.9, "top_k": 20, "min_p": 0.1,
+                                        "repeat_penalty": 1.1, "presence_penalty": 0.5,
+                                        "frequency_penalty": -0.5, "max_tokens": 100}
+    assert embedding.sampling_defaults() == {}
+
+
+def test_a_request_field_wins_over_the_model_default(tmp_path, model_file):
+    config_path = tmp_path / "edgellm.toml"
+    config_path.write_text(f'[[models]]\nname = "m"\npath = "{model_file}"\ntemperature = 0\nmax_tokens = 50\n')
+    [model] = parse("--config", str(config_path)).models
+    assert model.with_defaults({"messages": [], "temperature": 0.7}) == {"messages": [], "temperature": 0.7,
+                                                                         "max_tokens": 50}
+    assert model.with_defaults({"max_tokens": 3})["max_tokens"] == 3
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("temperature = 3", "temperature must be at most 2"),
+    ("top_p = -0.1", "top_p must be at least 0"),
+    ("repeat_penalty = 0", "repeat_penalty must be above 0"),
+    ("max_tokens = 4096", r"max_tokens \(4096\) must be below ctx_size \(2048\)"),
+    ("presence_penalty = 'x'", "presence_penalty must be a number"),
+    ("aliases = 'gpt-4o'", "aliases must be a list of strings"),
+    ("aliases = ['']", "aliases must be non-empty names"),
+    ("kind = 'embedding'\ntemperature = 0", r"sampling defaults \(temperature\) apply to chat models only"),
+])
+def test_bad_defaults_and_aliases_in_the_file(tmp_path, model_file, setting, message):
+    config_path = tmp_path / "edgellm.toml"
+    config_path.write_text(f'[[models]]\nname = "m"\npath = "{model_file}"\n{setting}\n')
+    with pytest.raises(ConfigError, match=message):
+        parse("--config", str(config_path))

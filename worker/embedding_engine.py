@@ -156,12 +156,25 @@ class EmbeddingEngine:
 
     # -- internals -----------------------------------------------------------------------
     def _tokens(self, item, i: int) -> list[int]:
+        """An input's tokens. Token ids are taken only as a tokenization by this model: ids outside its
+        vocabulary, or ids that do not read back as themselves (detokenized, then tokenized again),
+        are another tokenizer's, and embedding them would give a vector of nonsense without a word
+        of warning. LangChain's OpenAIEmbeddings sends OpenAI's (tiktoken cl100k) ids by default:
+        the 400 names its fix."""
         if isinstance(item, str):
             return self._tokenize(item)
-        if isinstance(item, list) and all(isinstance(t, int) and 0 <= t < self.model.n_vocab for t in item):
-            return list(item)
-        raise JobError(ewp.INVALID_REQUEST, f"input[{i}] must be a string or a list of token ids below "
-                       f"{self.model.n_vocab}", "input")
+        if not isinstance(item, list) or not all(isinstance(t, int) for t in item):
+            raise JobError(ewp.INVALID_REQUEST, f"input[{i}] must be a string or a list of token ids", "input")
+        tokens = list(item)
+        if not all(0 <= t < self.model.n_vocab for t in tokens):
+            problem = f"holds token ids outside this model's vocabulary (0 to {self.model.n_vocab - 1})"
+        elif self.model.tokenize(self.model.detokenize(tokens), add_special=False, parse_special=True) != tokens:
+            problem = "is not a tokenization by this model: its token ids do not read back as themselves"
+        else:
+            return tokens
+        raise JobError(ewp.INVALID_REQUEST, f"input[{i}] {problem}. Token ids must come from this model's own "
+                       "tokenizer; send the text instead. (LangChain's OpenAIEmbeddings sends OpenAI's tiktoken "
+                       "ids unless it is created with check_embedding_ctx_length=False: set that.)", "input")
 
     def _fill_batch(self, taken: list[PendingInput]) -> None:
         batch = self._batch

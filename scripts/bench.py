@@ -683,8 +683,9 @@ def versions(args) -> dict:
         v["edgellm"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                       capture_output=True, text=True, timeout=10).stdout.strip() or "?"
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        if dirty:
+                               capture_output=True, text=True, timeout=10).stdout.splitlines()
+        out = os.path.relpath(Path(args.out).resolve(), REPO) if getattr(args, "out", None) else None
+        if [line for line in dirty if line[3:].strip() != out]:  # the report being rewritten does not count
             v["edgellm"] += " (with uncommitted changes)"
     except Exception:
         v["edgellm"] = "?"
@@ -1292,7 +1293,8 @@ def render_structured(args, batches: list[Batch], notes: list[str], started: str
              f"round of a mode during which other processes used more than {args.max_other:.0f}% of the "
              "machine (`--max-other`) is left out of that mode's figures (rounds kept), unless all were.")
     L.append("")
-    L.append("| server | mode | rounds kept | ok/sent | tokens/req (median, min–max) | finish reasons | valid | TTFT p50 | "
+    L.append("| server | mode | rounds kept | ok/sent | tokens/req (median, min–max) | finish reasons | valid | "
+             "TTFT p50 | "
              "prefill | decode tok/s | × plain | gen tok/s | × plain | total tok/s | × plain | other CPU |")
     L.append("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     stats: dict[tuple[str, str], ModeStats] = {}
@@ -1319,9 +1321,11 @@ def render_structured(args, batches: list[Batch], notes: list[str], started: str
                      f"{x(st.totals, plain and plain.totals) if mode != 'plain' else '1'} | "
                      f"{fmt(median(st.other_cpu), 0)}% |")
     L.append("")
-    n4, sep = mode_stats(batches, "edgellm", "n4", args.max_other), mode_stats(batches, "edgellm", "4x1", args.max_other)
+    n4 = mode_stats(batches, "edgellm", "n4", args.max_other)
+    sep = mode_stats(batches, "edgellm", "4x1", args.max_other)
     if n4 or sep:
-        L.append("| edgellm, 4 slots | rounds kept | ok/sent | tokens (all choices, median) | wall (median) | TTFT p50 | "
+        L.append("| edgellm, 4 slots | rounds kept | ok/sent | tokens (all choices, median) | wall (median) | "
+                 "TTFT p50 | "
                  "decode tok/s per stream | total tok/s | other CPU |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for label, st in (("`n: 4`, one request", n4), ("4 concurrent requests, n=1", sep)):
@@ -1329,7 +1333,8 @@ def render_structured(args, batches: list[Batch], notes: list[str], started: str
                 continue
             per_round = [b for b in batches if b.server == "edgellm" and b.mode == st.mode]
             tokens = median(sum(r.tokens for r in b.ok) for b in per_round)
-            L.append(f"| {label} | {st.kept}/{st.rounds} | {st.ok}/{st.sent} | {fmt(tokens, 0)} | {fmt_ms(median(st.walls))} | "
+            L.append(f"| {label} | {st.kept}/{st.rounds} | {st.ok}/{st.sent} | {fmt(tokens, 0)} | "
+                     f"{fmt_ms(median(st.walls))} | "
                      f"{fmt_ms(median(st.ttfts))} | {fmt(median(st.rates))} | {fmt(median(st.totals))} | "
                      f"{fmt(median(st.other_cpu), 0)}% |")
         L.append("")

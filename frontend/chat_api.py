@@ -51,6 +51,15 @@ class Field:
     type: type | tuple = object  # an ignored field must still have this JSON type
 
 
+# OpenAI's fields about the account, not the answer: accepted and ignored by chat and responses alike.
+ACCOUNT_FIELDS: dict[str, Field] = {
+    "safety_identifier": Field(IGNORED, "an end-user id for OpenAI's abuse checks", type=str),
+    "prompt_cache_key": Field(IGNORED, "the worker reuses its own cache; it cannot change the answer", type=str),
+    "prompt_cache_retention": Field(IGNORED, "as `prompt_cache_key`", type=str),
+    "prompt_cache_options": Field(IGNORED, "as `prompt_cache_key`", type=dict),
+    "service_tier": Field(IGNORED, "there is one tier", type=str),
+}
+
 # Every field of an OpenAI chat-completions body, the llama.cpp extensions we honour, and our own.
 # A field in no row is a 400 ("unrecognized request argument"). The README's table is this one.
 FIELDS: dict[str, Field] = {
@@ -87,11 +96,7 @@ FIELDS: dict[str, Field] = {
     "metadata": Field(IGNORED, "nothing is stored", type=dict),
     "store": Field(IGNORED, "nothing is stored", type=bool),
     "user": Field(IGNORED, "an end-user id for OpenAI's abuse checks", type=str),
-    "safety_identifier": Field(IGNORED, "an end-user id for OpenAI's abuse checks", type=str),
-    "prompt_cache_key": Field(IGNORED, "the worker reuses its own cache; it cannot change the answer", type=str),
-    "prompt_cache_retention": Field(IGNORED, "as `prompt_cache_key`", type=str),
-    "prompt_cache_options": Field(IGNORED, "as `prompt_cache_key`", type=dict),
-    "service_tier": Field(IGNORED, "there is one tier", type=str),
+    **ACCOUNT_FIELDS,
     "audio": Field(REFUSED, "this server answers in text only"),
     "prediction": Field(REFUSED, "predicted outputs are not supported"),
     "functions": Field(REFUSED, "deprecated by OpenAI: use tools/tool_choice"),

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from frontend import validation as v
-from frontend.chat_api import (HONOURED, IGNORED, MAX_TOOLS, REFUSED, ChatCall, Field, chat_job, chat_message,
-                               check_fields, check_tool_names, function_tool, json_schema_output, string_at,
-                               tools_job)
+from frontend.chat_api import (ACCOUNT_FIELDS, HONOURED, IGNORED, MAX_TOOLS, REFUSED, ChatCall, Field, chat_job,
+                               chat_message, check_fields, check_tool_names, function_tool, json_schema_output,
+                               string_at, tools_job)
 from frontend.errors import bad_request
 from worker import protocol as ewp
 
@@ -59,11 +59,7 @@ RESPONSE_FIELDS: dict[str, Field] = {
     "reasoning": Field(HONOURED, "null or `{}` only: these models have no reasoning mode"),
     "rag": Field(HONOURED, "edgellm: as in chat"),
     "user": Field(IGNORED, "an end-user id for OpenAI's abuse checks; returned", type=str),
-    "safety_identifier": Field(IGNORED, "an end-user id for OpenAI's abuse checks", type=str),
-    "prompt_cache_key": Field(IGNORED, "the worker reuses its own cache; it cannot change the answer", type=str),
-    "prompt_cache_retention": Field(IGNORED, "as `prompt_cache_key`", type=str),
-    "prompt_cache_options": Field(IGNORED, "as `prompt_cache_key`", type=dict),
-    "service_tier": Field(IGNORED, "there is one tier", type=str),
+    **ACCOUNT_FIELDS,
     "conversation": Field(REFUSED, "conversations are not supported: use previous_response_id"),
     "prompt": Field(REFUSED, "stored prompt templates are not supported: send input and instructions"),
     "max_tool_calls": Field(REFUSED, "not supported: use parallel_tool_calls or tool_choice"),

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+from llama_cpp import Llama
 
 from frontend.broker import BrokerLimits
 from frontend.config import ServerConfig
@@ -141,3 +143,15 @@ def sse_events(response: httpx.Response) -> list:
         else:
             assert line == "", f"unexpected SSE line {line!r}"
     return events
+
+
+@pytest.fixture()
+def client(server):
+    """The official openai client on the session server."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    """SmolLM2's tokenizer alone, to count and find tokens independently of the server."""
+    return Llama(model_path=str(CHAT_PATH), vocab_only=True, verbose=False)

@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import openai
 import pytest
-from llama_cpp import Llama
 
-from conftest import CHAT_MODEL, CHAT_PATH, GEMMA_MODEL, sse_events
+from conftest import CHAT_MODEL, GEMMA_MODEL, sse_events
 from test_chat_engine import job_id, make_engine
 from worker import protocol as ewp
 from worker.loop import JobError
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return Llama(model_path=str(CHAT_PATH), vocab_only=True, verbose=False)
 
 
 def check_finish(finish_reason: str, completion_tokens: int, max_tokens: int) -> None:

@@ -8,11 +8,6 @@ import pytest
 from conftest import CHAT_MODEL, EMBED_MODEL, GEMMA_MODEL
 
 
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
-
-
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 40

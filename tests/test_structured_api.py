@@ -9,20 +9,9 @@ from typing import Literal
 
 import openai
 import pytest
-from llama_cpp import Llama
 from pydantic import BaseModel, Field
 
-from conftest import CHAT_MODEL, CHAT_PATH
-
-
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return Llama(model_path=str(CHAT_PATH), vocab_only=True, verbose=False)
+from conftest import CHAT_MODEL
 
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]

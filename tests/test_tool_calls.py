@@ -204,3 +204,9 @@ def test_a_choice_ends_at_a_repeated_call_and_at_the_most_calls():
     assert many.stopped
     sent = [b for b in many.finish("stop")]
     assert all(b.get("tool_call", {}).get("index", 0) < ewp.MAX_TOOL_CALLS for b in sent)
+
+
+def test_a_call_cut_short_before_its_name_is_whole_is_not_content():
+    parser = ToolCallParser()
+    events = parser.feed('Sure. <tool_call>\n{"name": "sea') + parser.finish()
+    assert events == [("text", "Sure.")]

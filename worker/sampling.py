@@ -16,9 +16,9 @@ from worker.grammar import GrammarError
 from worker.protocol import MAX_TOKEN_BYTES
 
 BANNED = -100  # OpenAI's logit_bias: -100 bans a token, which adding -100 to a logit need not do
-# When the grammar refuses the drawn token, the likeliest this many tokens (by logit, with the
-# request's logit bias) are checked against it first: the whole vocabulary (49k tokens for
-# SmolLM2) only when none of them may come next.
+# With a grammar, tokens are drawn from the likeliest this many (by logit, with the request's
+# logit bias), and checked against the grammar there: the whole vocabulary (49k tokens for
+# SmolLM2) only when the grammar allows none of them.
 SHORTLIST = 128
 # A grammar whose alternatives overlap under recursion makes llama.cpp's grammar engine track a
 # number of parses that can double with every character: its work for one token then grows
@@ -99,14 +99,15 @@ class TokenSampler:
     """logit bias -> penalties -> top-k -> top-p -> min-p -> temperature -> draw (or greedy at
     temperature 0), the order llama.cpp's own tools use, and an optional grammar.
 
-    With a grammar, a token is drawn as if there were none and then checked against it alone;
-    only when the grammar refuses it are candidates filtered by the grammar and drawn again
-    (llama.cpp's common sampler does the same): first the SHORTLIST likeliest tokens, the whole
-    vocabulary only if the grammar allows none of those. Checking 49k tokens against a grammar
-    at every step would cost more than the model's decode. At temperature 0 this draws exactly
-    what filtering everything would; when sampling, the draw is among the shortlist's allowed
-    tokens, which top-k (40 by default) and min-p narrow further anyway. Owns C objects; call
-    free() when done."""
+    With a grammar, a token is drawn from the SHORTLIST likeliest tokens as if there were no
+    grammar, and then checked against the grammar alone; only when the grammar refuses it are
+    the shortlist's tokens filtered by the grammar and drawn again (llama.cpp's common sampler
+    does the same over the whole vocabulary), and the whole vocabulary only if the grammar
+    allows none of those. Checking 49k tokens against a grammar, or even copying their logits,
+    at every step would cost about as much as the model's decode. At temperature 0 this draws
+    exactly what filtering everything would; when sampling, the draw is among the shortlist,
+    which top-k (40 by default) and min-p narrow further anyway. Owns C objects; call free()
+    when done."""
 
     def __init__(self, params: SamplingParams, n_vocab: int, *, vocab=None, grammar: str | None = None,
                  logit_bias: dict[int, float] | None = None):
@@ -155,11 +156,12 @@ class TokenSampler:
             return lc.llama_sampler_sample(self.chain, ctx, index)
         started = time.monotonic()
         logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
-        token = self._draw(self._candidates.fill(logits), grammar_first=False)
+        shortlist = self._shortlist(logits)
+        token = self._draw(self._candidates.fill(logits, shortlist), grammar_first=False)
         check = self._candidates.single(token)
         lc.llama_sampler_apply(self.grammar, ctypes.byref(check))
         if math.isinf(check.data[0].logit):
-            token = self._draw(self._candidates.fill(logits, self._shortlist(logits)), grammar_first=True)
+            token = self._draw(self._candidates.fill(logits, shortlist), grammar_first=True)
             if token is None:
                 token = self._draw(self._candidates.fill(logits), grammar_first=True)
             if token is None:

@@ -202,8 +202,8 @@ class ToolCallParser:
         """The end of the output: release what was held back."""
         if self._state == _TEXT and self._buf:
             self._text(self._buf)
-        elif self._state == _HEAD_STATE:
-            self._text(CALL_OPEN + self._buf)
+        elif self._state == _HEAD_STATE:  # a call cut short (max_tokens) before its name was whole:
+            self._space = ""  # nothing of it, nor the space before it, is content
         elif self._state == _TAIL_STATE and self._buf.strip():
             self._text(self._buf)
         self._buf = ""

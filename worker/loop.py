@@ -37,6 +37,7 @@ from worker import protocol as ewp
 log = logging.getLogger("edgellm.worker")
 
 EXIT_STUCK = 3  # the process's exit status when a step ran past step_timeout
+STUCK_FLUSH_SECONDS = 1.0  # how long a stuck worker waits, its ERRORs sent, before it exits
 
 
 class JobError(Exception):
@@ -216,7 +217,9 @@ class WorkerLoop:
                 ewp.WORKER_STUCK, f"the worker spent over {self.step_timeout:g}s on one step of its jobs (a grammar "
                 "or schema too ambiguous for llama.cpp's grammar engine can do that) and restarts; this request "
                 "was one of them")))
-        broker.close(linger=1000)  # let the ERRORs go out before the process ends
+        # os._exit skips ZeroMQ's linger: give its I/O thread a moment to send the ERRORs, and the
+        # broker to fail the jobs before it hears that this process is gone (and would move them).
+        time.sleep(STUCK_FLUSH_SECONDS)
         os._exit(EXIT_STUCK)
 
     def _connection_loop(self) -> None:

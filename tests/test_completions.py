@@ -58,11 +58,14 @@ def test_the_wire_of_a_stream(server):
     events = sse_events(response)
     assert events[-1] == "[DONE]"
     *chunks, last = events[:-1]
-    assert last["choices"] == [] and last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + 4
+    usage = last["usage"]
+    assert last["choices"] == [] and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens"] <= 4  # the model may end sooner (sampled at temperature 1)
     for chunk in chunks:
         assert chunk["object"] == "text_completion" and chunk["usage"] is None
         assert set(chunk["choices"][0]) == {"text", "index", "logprobs", "finish_reason"}
-    assert [c["choices"][0]["finish_reason"] for c in chunks].count("length") == 1
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert finishes == ["length" if usage["completion_tokens"] == 4 else "stop"]
 
 
 def test_max_tokens_defaults_to_16(client):

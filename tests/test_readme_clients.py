@@ -24,7 +24,7 @@ def run(name: str, server) -> dict:
 
 def test_the_openai_snippet(server, capsys):
     done = run("openai", server)
-    assert done["answer"].choices[0].message.content
+    assert isinstance(done["answer"].choices[0].message.content, str)
     assert isinstance(done["city"], done["City"])
     assert done["call"].function.name == "get_weather"
     assert len(done["vector"]) == 384

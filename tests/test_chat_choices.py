@@ -117,8 +117,8 @@ def test_a_grammar_that_does_not_parse_is_refused(engine):
     assert all(s.state.value == "idle" for s in engine._slots)
 
 
-def run_to_end(engine, request: dict) -> list:
-    engine.submit(job_id(9), {"kind": "chat", **request})
+def steps_until_idle(engine) -> list:
+    """Step the engine until it has no job (at most 200 steps); its events. Every slot is idle then."""
     events = []
     for _ in range(200):
         if not engine.busy():
@@ -126,6 +126,11 @@ def run_to_end(engine, request: dict) -> list:
         events += engine.step()
     assert not engine.busy() and all(s.state.value == "idle" for s in engine._slots)
     return events
+
+
+def run_to_end(engine, request: dict) -> list:
+    engine.submit(job_id(9), {"kind": "chat", **request})
+    return steps_until_idle(engine)
 
 
 def test_banning_every_token_a_grammar_allows_is_a_coded_error_not_a_crash(engine):
@@ -146,12 +151,7 @@ def test_a_failure_in_one_choice_fails_the_whole_job_once(engine, monkeypatch):
         raise RuntimeError("sampler bug")
 
     monkeypatch.setattr(job.choices[1].sampler, "sample", broken)
-    events = []
-    for _ in range(200):
-        if not engine.busy():
-            break
-        events += engine.step()
-    assert not engine.busy() and all(s.state.value == "idle" for s in engine._slots)
+    events = steps_until_idle(engine)
     assert [e.command for e in events if e.command != ewp.CHUNK] == [ewp.ERROR]
     assert events[-1].body["code"] == ewp.INTERNAL_ERROR
 

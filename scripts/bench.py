@@ -67,6 +67,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("EDGELLM_BENCH_CACHE", Path.home() / ".cache" / "edgellm-bench"))
@@ -271,26 +272,26 @@ class Result:
         return (self.tokens - 1) / (self.last - self.first)
 
 
-def stream_chat(port: int, body: dict, timeout: float) -> Result:
-    """POST /v1/chat/completions with stream=true and read the SSE stream to [DONE]."""
-    r = Result(start=time.monotonic())
+def sse_stream(port: int, body: dict, timeout: float, r) -> Iterator[tuple[float, dict]]:
+    """POST a streaming /v1/chat/completions request and yield (arrival time, event) for each SSE
+    data event up to [DONE]. ``r`` (a Result or a Reply) gets the failure, if any, in ``error``
+    (an HTTP status keeps the start of its body) and the end time in ``end``."""
     deadline = r.start + timeout
     conn = http.client.HTTPConnection(HOST, port, timeout=min(timeout, 60))
     try:
-        data = json.dumps(body).encode()
-        conn.request("POST", "/v1/chat/completions", body=data,
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
                      headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
         resp = conn.getresponse()
         if resp.status != 200:
-            r.error = f"HTTP {resp.status}: {resp.read(300).decode(errors='replace')}"
-            return r
+            r.error = f"HTTP {resp.status}: {resp.read(600).decode(errors='replace')}"
+            return
         while True:
             if time.monotonic() > deadline:
                 r.error = f"request time limit ({timeout:.0f}s) reached"
                 break
             line = resp.readline()
             if not line:
-                r.error = r.error or "stream ended without [DONE]"
+                r.error = "stream ended without [DONE]"
                 break
             line = line.strip()
             if not line.startswith(b"data:"):
@@ -302,28 +303,35 @@ def stream_chat(port: int, body: dict, timeout: float) -> Result:
             try:
                 event = json.loads(payload)
             except ValueError:
-                r.error = f"bad SSE payload: {payload[:100]!r}"
+                r.error = f"bad SSE payload: {payload[:200]!r}"
                 break
             if "error" in event:
-                r.error = f"error event: {json.dumps(event['error'])[:200]}"
+                r.error = f"error event: {json.dumps(event['error'])[:400]}"
                 break
-            for choice in event.get("choices") or []:
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    r.chunks += 1
-                    if r.first is None:
-                        r.first, r.ttft = now, now - r.start
-                    r.last = now
-                if choice.get("finish_reason"):
-                    r.finish_reason = choice["finish_reason"]
-            usage = event.get("usage")
-            if usage and usage.get("completion_tokens") is not None:
-                r.tokens, r.usage = int(usage["completion_tokens"]), True
+            yield now, event
     except (OSError, http.client.HTTPException) as exc:
         r.error = f"{type(exc).__name__}: {exc}"
     finally:
         conn.close()
         r.end = time.monotonic()
+
+
+def stream_chat(port: int, body: dict, timeout: float) -> Result:
+    """POST /v1/chat/completions with stream=true and read the SSE stream to [DONE]."""
+    r = Result(start=time.monotonic())
+    for now, event in sse_stream(port, body, timeout, r):
+        for choice in event.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                r.chunks += 1
+                if r.first is None:
+                    r.first, r.ttft = now, now - r.start
+                r.last = now
+            if choice.get("finish_reason"):
+                r.finish_reason = choice["finish_reason"]
+        usage = event.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            r.tokens, r.usage = int(usage["completion_tokens"]), True
     if not r.usage:
         r.tokens = r.chunks
     return r
@@ -559,6 +567,9 @@ class Contender:
     name: str
     start: object  # (args, parallel) -> (Server, pids)
     fixed_parallel: int | None = None  # slots whatever the level (llama-cpp-python's server: 1)
+    # edgellm answers a field it does not implement (llama.cpp's ignore_eos) with a 400, so the
+    # extra fields go only to the servers that take them
+    takes_extra: bool = True
 
 
 def run_contenders(args, contenders: list[Contender], with_inprocess: bool, extra: dict,
@@ -579,7 +590,7 @@ def run_contenders(args, contenders: list[Contender], with_inprocess: bool, extr
                 try:
                     srv, pids = c.start(args, parallel)
                     running.append((c, srv, pids, parallel))
-                    warmup(srv.port, "bench", extra)
+                    warmup(srv.port, "bench", extra if c.takes_extra else {})
                 except Exception as exc:  # one contender failing must not lose the others' results
                     log(f"[{c.name}] failed to start: {exc}")
                     out.extend(Level(c.name, n, parallel, note=f"failed: {str(exc).splitlines()[0][:200]}")
@@ -598,7 +609,8 @@ def run_contenders(args, contenders: list[Contender], with_inprocess: bool, extr
                     if srv.proc.poll() is not None:
                         out.append(Level(c.name, n, parallel, note=f"server had exited ({srv.proc.returncode})"))
                         continue
-                    level = retried(args, lambda attempt: run_level(args, srv.port, c.name, n, "bench", extra, pids,
+                    sent = extra if c.takes_extra else {}
+                    level = retried(args, lambda attempt: run_level(args, srv.port, c.name, n, "bench", sent, pids,
                                                                     attempt))
                     level.parallel = parallel
                     if srv.proc.poll() is not None:
@@ -737,7 +749,8 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
              f"after the other (distinct short prompts \"Request S-I: write a long, detailed story about ...\", "
              "numbered per level and attempt so that no server sees a prompt twice), "
              f"`max_tokens` {args.tokens}, `temperature` 0"
-             + (", `ignore_eos: true` (honoured by llama-server only; the others may stop at EOS)"
+             + (", `ignore_eos: true` to llama-server and llama-cpp-python's server (honoured by llama-server only; "
+                "edgellm refuses fields it does not implement, so it is not sent there; the others may stop at EOS)"
                 if args.ignore_eos else "")
              + f". Limits: {args.request_timeout:.0f} s per request, {args.level_timeout:.0f} s per level.")
     L.append(f"- Shared machine: before each level the benchmark waits (up to {args.quiet_wait:.0f} s) until other "
@@ -933,67 +946,31 @@ def stream_choices(port: int, body: dict, timeout: float) -> Reply:
     """POST a streaming chat request and read it to [DONE], per choice index; tool-call deltas
     count as visible chunks like content does. An HTTP error keeps the status and the body."""
     r = Reply(start=time.monotonic())
-    deadline = r.start + timeout
-    conn = http.client.HTTPConnection(HOST, port, timeout=min(timeout, 60))
-    try:
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
-                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            r.error = f"HTTP {resp.status}: {resp.read(600).decode(errors='replace')}"
-            return r
-        while True:
-            if time.monotonic() > deadline:
-                r.error = f"request time limit ({timeout:.0f}s) reached"
-                break
-            line = resp.readline()
-            if not line:
-                r.error = "stream ended without [DONE]"
-                break
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            now = time.monotonic()
-            try:
-                event = json.loads(payload)
-            except ValueError:
-                r.error = f"bad SSE payload: {payload[:200]!r}"
-                break
-            if "error" in event:
-                r.error = f"error event: {json.dumps(event['error'])[:400]}"
-                break
-            for choice in event.get("choices") or []:
-                s = r.streams.setdefault(int(choice.get("index") or 0), Stream())
-                delta = choice.get("delta") or {}
-                visible = False
-                if delta.get("content"):
-                    s.text += delta["content"]
+    for now, event in sse_stream(port, body, timeout, r):
+        for choice in event.get("choices") or []:
+            s = r.streams.setdefault(int(choice.get("index") or 0), Stream())
+            delta = choice.get("delta") or {}
+            visible = False
+            if delta.get("content"):
+                s.text += delta["content"]
+                visible = True
+            for call in delta.get("tool_calls") or []:
+                fn = call.get("function") or {}
+                if fn.get("name"):
+                    s.tool_name = (s.tool_name or "") + fn["name"]
                     visible = True
-                for call in delta.get("tool_calls") or []:
-                    fn = call.get("function") or {}
-                    if fn.get("name"):
-                        s.tool_name = (s.tool_name or "") + fn["name"]
-                        visible = True
-                    if fn.get("arguments"):
-                        s.text += fn["arguments"]
-                        visible = True
-                if visible:
-                    s.chunks += 1
-                    s.first = s.first or now
-                    s.last = now
-                if choice.get("finish_reason"):
-                    s.finish_reason = choice["finish_reason"]
-            usage = event.get("usage")
-            if usage and usage.get("completion_tokens") is not None:
-                r.usage_tokens = int(usage["completion_tokens"])
-    except (OSError, http.client.HTTPException) as exc:
-        r.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.close()
-        r.end = time.monotonic()
+                if fn.get("arguments"):
+                    s.text += fn["arguments"]
+                    visible = True
+            if visible:
+                s.chunks += 1
+                s.first = s.first or now
+                s.last = now
+            if choice.get("finish_reason"):
+                s.finish_reason = choice["finish_reason"]
+        usage = event.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            r.usage_tokens = int(usage["completion_tokens"])
     chunks = sum(s.chunks for s in r.streams.values())
     for s in r.streams.values():  # n choices share one usage: split it by visible chunks
         s.tokens = (r.usage_tokens * s.chunks / chunks if chunks else 0.0) if r.usage_tokens is not None \
@@ -1555,7 +1532,7 @@ def main(argv=None) -> int:
     try:
         contenders = []
         if "edgellm" in only:
-            contenders.append(Contender("edgellm", start_edgellm))
+            contenders.append(Contender("edgellm", start_edgellm, takes_extra=False))
         if args.llama_server:
             contenders.append(Contender("llama-server", start_llama_server))
         if "lcpp-server" in only:  # it serves one request at a time whatever the level

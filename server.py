@@ -22,6 +22,7 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+from werkzeug.exceptions import NotFound
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
@@ -44,6 +45,7 @@ from frontend.request_ids import HEADER as REQUEST_ID_HEADER, loggable_path, req
 from frontend.responses_api import HISTORY_JSON_FACTOR, ResponsesRequest, parse_responses
 from frontend.responses_output import ResponseBuilder
 from frontend.supervisor import Supervisor
+from frontend.web_ui import PAGE, PUBLIC_PATHS as WEB_UI_PATHS, asset_response
 from store import Store, StoredResponse, StoreError
 from worker import protocol as ewp
 from worker.keys import KeyFileError, authorized_keys
@@ -88,7 +90,8 @@ class EdgeLLM:
         self.knowledge = Knowledge(self.store, self.jobs, chunk_capacity=config.chunk_capacity,
                                    max_chunks=config.max_document_chunks)
         self.access = AccessPolicy(api_keys=config.api_keys, cors_origins=config.cors_origins,
-                                   allowed_hosts=config.allowed_hosts, bind_host=config.host)
+                                   allowed_hosts=config.allowed_hosts, bind_host=config.host,
+                                   public_paths=WEB_UI_PATHS if config.web_ui else ())
         self.url_map = Map([
             Rule("/v1/chat/completions", endpoint="chat_completions", methods=["POST"]),
             Rule("/v1/completions", endpoint="completions", methods=["POST"]),
@@ -106,7 +109,10 @@ class EdgeLLM:
             Rule("/v1/files/<file_id>/content", endpoint="file_content", methods=["GET"]),
             Rule("/v1/chunks", endpoint="chunks", methods=["POST"]),
             Rule("/v1/create/rag", endpoint="create_rag", methods=["POST"]),
+            Rule("/v1/collections", endpoint="collections", methods=["GET"]),
             Rule("/health", endpoint="health", methods=["GET"]),
+            Rule("/", endpoint="web_page", methods=["GET"]),
+            Rule("/ui/<name>", endpoint="web_asset", methods=["GET"]),
         ])
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -474,15 +480,23 @@ class EdgeLLM:
                               "chunks": result.chunks, "usage": {"prompt_tokens": result.prompt_tokens,
                                                                  "total_tokens": result.prompt_tokens}})
 
+    def on_collections(self, request: Request) -> Response:
+        """The document collections (what /v1/create/rag made), for the web page's picker."""
+        return json_response({"object": "list", "data": [
+            {"name": c.name, "object": "collection", "model": c.model, "dimension": c.dimension,
+             "created_at": c.created_at} for c in self.store.list_collections()]})
+
     # -- listing and health --------------------------------------------------------------
     def model_list(self) -> list[dict]:
         """The model objects of /v1/models: every model, then every alias as an entry of its own
         (with ``alias_of`` naming its model), so that a client which checks a name against the
-        list, or retrieves it, finds an alias too."""
+        list, or retrieves it, finds an alias too. ``kind`` (chat or embedding) is ours: the web
+        page offers the chat models."""
         names = self.model_names()
-        data = [{"id": name, "created": self.created, "object": "model", "owned_by": "edgellm"} for name in names]
-        data += [{"id": alias, "created": self.created, "object": "model", "owned_by": "edgellm", "alias_of": name}
-                 for alias, name in self.config.aliases().items() if alias not in names]
+        data = [{"id": name, "created": self.created, "object": "model", "owned_by": "edgellm", "kind": kind}
+                for name, kind in names.items()]
+        data += [{"id": alias, "created": self.created, "object": "model", "owned_by": "edgellm", "alias_of": name,
+                  "kind": names.get(name)} for alias, name in self.config.aliases().items() if alias not in names]
         return data
 
     def on_models(self, request: Request) -> Response:
@@ -513,6 +527,15 @@ class EdgeLLM:
         if self.access.authorized(request):  # pids, worker ids and slots only for callers with a key
             body["models"] = snapshot
         return json_response(body, status=200 if status == "ok" else 503)
+
+    # -- the web chat page (frontend/web_ui.py) ------------------------------------------
+    def on_web_page(self, request: Request) -> Response:
+        return self.on_web_asset(request, PAGE)
+
+    def on_web_asset(self, request: Request, name: str) -> Response:
+        if not self.config.web_ui:
+            raise NotFound()
+        return asset_response(request, name)
 
 
 def _a(word: str) -> str:

@@ -3,8 +3,9 @@
 The dispatcher calls ``AccessPolicy.admit`` before it routes any request, so no route, present
 or added later, can skip these checks, and ``add_cors_headers`` on every answer.
 
-- API keys: when any is configured, every path but ``/health`` needs ``Authorization: Bearer KEY``
-  or ``x-api-key: KEY`` (compared in constant time against every key).
+- API keys: when any is configured, every path but ``/health`` (and the web page's files, which
+  the server names) needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY`` (compared in
+  constant time against every key).
 - Host: without an API key, a web page on a foreign domain whose name was made to resolve to this
   machine (DNS rebinding) would be same-origin with it. So without a key, ``Host`` must name a
   loopback address, the address the server is bound to, or an entry of ``allowed_hosts``.
@@ -125,7 +126,9 @@ class AccessPolicy:
     """The access rules of one server, built once from its settings."""
 
     def __init__(self, *, api_keys: Iterable[str] = (), cors_origins: Iterable[str] = (),
-                 allowed_hosts: Iterable[str] = (), bind_host: str = "127.0.0.1"):
+                 allowed_hosts: Iterable[str] = (), bind_host: str = "127.0.0.1",
+                 public_paths: Iterable[str] = ()):
+        self.public_paths = PUBLIC_PATHS | frozenset(public_paths)
         self.api_keys = tuple(_digest(k.encode()) for k in api_keys)
         origins = set(cors_origins)
         self.cors_any = ANY in origins
@@ -189,7 +192,7 @@ class AccessPolicy:
                 return self._preflight(request, methods)
         if origin is not None and request.method not in SAFE_METHODS and not self.trusted_origin(request, origin):
             raise _origin_refused(origin)
-        if request.path not in PUBLIC_PATHS and not self.authorized(request):
+        if request.path not in self.public_paths and not self.authorized(request):
             presented = "Authorization" in request.headers or "X-API-Key" in request.headers
             raise APIError("invalid_api_key", ("the API key is not valid" if presented else "an API key is required")
                            + ": send 'Authorization: Bearer KEY' (or 'x-api-key: KEY') with a key this server "

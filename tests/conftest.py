@@ -94,6 +94,20 @@ class ServerProcess:
         self.log.close()
 
 
+def start_fake_worker(srv: ServerProcess, mode: str, model: str, *extra: str, count: int = 1) -> subprocess.Popen:
+    """A tests/fake_worker.py process in ``mode`` serving ``model`` on ``srv``, once registered
+    (``count``: the model's registered workers to wait for). The caller kills it."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_worker.py"), "--connect",
+                             srv.worker_addr, "--model-name", model, "--mode", mode, *extra])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if len(srv.health()["models"].get(model, {}).get("workers", [])) >= count:
+            return proc
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"fake worker {mode} did not register")
+
+
 def model_config(name: str, path: Path, **settings) -> str:
     lines = ["[[models]]", f'name = "{name}"', f'path = "{path}"']
     for key, value in settings.items():

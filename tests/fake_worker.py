@@ -14,6 +14,9 @@ Modes of the real WorkerLoop:
     busy     answers every job with ERROR worker_busy, however many slots it claims
     stuck    its step never returns (as a grammar too ambiguous for llama.cpp would make it); run
              with a step_timeout of 2 s, the loop fails its jobs and the process exits
+    text     answers --text, a few characters per chunk, 20 chunks a second (a model that says
+             whatever a test needs, hostile markup included)
+    trickle  answers "tick " five times a second and never finishes on its own: only a cancel ends it
 
 Rogue peers, a bare DEALER socket each (they exit by themselves):
     flood       registers, then sends HEARTBEATs as fast as it can for --seconds
@@ -43,10 +46,11 @@ ROGUES = ("flood", "deep-ready", "oversized")
 class FaultyEngine:
     kind = "chat"
 
-    def __init__(self, mode: str, slots: int = 2, record: str | None = None):
+    def __init__(self, mode: str, slots: int = 2, record: str | None = None, text: str = ""):
         self.mode = mode
         self.slots = slots
         self.record = record
+        self.pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
         self.jobs: dict[str, int] = {}
 
     def describe(self) -> dict:
@@ -87,6 +91,17 @@ class FaultyEngine:
             elif self.mode == "misfit":
                 del self.jobs[job_id]
                 events.append(Event(job_id, ewp.CHUNK, {"index": 0, "embedding": [1.0]}))
+            elif self.mode == "trickle":
+                time.sleep(0.2)
+                events.append(Event(job_id, ewp.CHUNK, {"index": 0, "text": "tick "}))
+            elif self.mode == "text" and state < len(self.pieces):
+                time.sleep(0.05)
+                self.jobs[job_id] = state + 1
+                events.append(Event(job_id, ewp.CHUNK, {"index": 0, "text": self.pieces[state]}))
+            elif self.mode == "text":
+                del self.jobs[job_id]
+                events.append(Event(job_id, ewp.DONE, {"finish_reason": "stop", "usage": {
+                    "prompt_tokens": 1, "completion_tokens": state, "total_tokens": state + 1}}))
             elif state == 0:
                 self.jobs[job_id] = 1
                 events.append(Event(job_id, ewp.CHUNK, {"index": 0, "text": "hello"}))
@@ -141,9 +156,11 @@ def main() -> None:
     p.add_argument("--connect", required=True)
     p.add_argument("--model-name", required=True)
     p.add_argument("--mode", required=True,
-                   choices=["echo", "die", "die0", "stall", "garbage", "misfit", "busy", "stuck", *ROGUES])
+                   choices=["echo", "die", "die0", "stall", "garbage", "misfit", "busy", "stuck", "text", "trickle",
+                            *ROGUES])
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--record", help="echo: append the id of every job it is given to this file")
+    p.add_argument("--text", default="", help="text: what to answer")
     p.add_argument("--seconds", type=float, default=5.0, help="rogues: how long to flood, or to stay connected")
     p.add_argument("--size", type=int, default=64 << 20, help="oversized: bytes in the READY's body frame")
     p.add_argument("--curve-server-key-file")
@@ -157,7 +174,7 @@ def main() -> None:
     if args.mode in ROGUES:
         rogue(args, curve)
         return
-    WorkerLoop(FaultyEngine(args.mode, args.slots, args.record), args.connect, args.model_name, curve=curve,
+    WorkerLoop(FaultyEngine(args.mode, args.slots, args.record, args.text), args.connect, args.model_name, curve=curve,
                step_timeout=2.0).run()
 
 

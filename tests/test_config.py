@@ -213,3 +213,15 @@ def test_bad_defaults_and_aliases_in_the_file(tmp_path, model_file, setting, mes
     config_path.write_text(f'[[models]]\nname = "m"\npath = "{model_file}"\n{setting}\n')
     with pytest.raises(ConfigError, match=message):
         parse("--config", str(config_path))
+
+
+def test_web_ui_is_on_unless_turned_off(tmp_path, model_file):
+    flags = ("--model-name", "m", "--model-path", str(model_file))
+    assert parse(*flags).web_ui is True
+    assert parse(*flags, "--no-web-ui").web_ui is False
+    toml = tmp_path / "edgellm.toml"
+    toml.write_text(f'web_ui = false\n[[models]]\nname = "m"\npath = "{model_file}"\n')
+    assert parse("--config", str(toml)).web_ui is False
+    toml.write_text(f'web_ui = "no"\n[[models]]\nname = "m"\npath = "{model_file}"\n')
+    with pytest.raises(ConfigError, match="web_ui must be true or false"):
+        parse("--config", str(toml))

@@ -6,14 +6,12 @@ which run the real WorkerLoop and real ZeroMQ sockets with a misbehaving engine.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 import zmq
 
-from conftest import ROOT, ServerProcess, model_config, sse_events
+from conftest import ROOT, ServerProcess, model_config, sse_events, start_fake_worker
 from worker import protocol as ewp
 from worker.loop import EXIT_STUCK
 
@@ -29,16 +27,9 @@ def faulty(tmp_path_factory):
     workers = []
 
     def start(mode: str, model: str | None = None, count: int = 1):
-        model = model or f"fake-{mode}"
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_worker.py"), "--connect",
-                                 srv.worker_addr, "--model-name", model, "--mode", mode])
+        proc = start_fake_worker(srv, mode, model or f"fake-{mode}", count=count)
         workers.append(proc)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if len(srv.health()["models"].get(model, {}).get("workers", [])) >= count:
-                return proc
-            time.sleep(0.1)
-        raise RuntimeError(f"fake worker {mode} did not register")
+        return proc
 
     srv.start_fake = start
     yield srv

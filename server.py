@@ -613,9 +613,9 @@ def serve(argv: list[str]) -> int:
         drain()
     signal.signal(signal.SIGTERM, lambda *_: drain())
     signal.signal(signal.SIGINT, lambda *_: drain())
-    log.info("edgellm %s listening on http://%s:%d/v1 (workers connect to %s%s)", __version__, config.host,
-             config.port, app.broker.worker_addr,
-             f", remote workers to {app.broker.remote_addr}" if app.broker.remote_addr else "")
+    log.info("edgellm %s listening on http://%s:%d/v1%s (workers connect to %s%s)", __version__, config.host,
+             config.port, f", chat page at http://{config.host}:{config.port}/" if config.web_ui else "",
+             app.broker.worker_addr, f", remote workers to {app.broker.remote_addr}" if app.broker.remote_addr else "")
     try:
         httpd.serve()  # returns once a SIGTERM's drain is over
     finally:

@@ -26,7 +26,7 @@ NOTE = ("# Office notes\n\nThe office Wi-Fi network is called Lighthouse. Guests
 
 
 def desktop(url: str, out: Path) -> None:
-    driver = chrome(width=1280, height=1000)
+    driver = chrome(width=1280, height=1250)
     try:
         page = Page(driver, url, {"edgellm.settings": {"maxTokens": "120", "collection": "screenshots"}})
         page.wait_models()
@@ -38,6 +38,7 @@ def desktop(url: str, out: Path) -> None:
             page.wait(lambda: " in collection " in page.text("upload-status"), 120, "the upload")
         page.send("What is the guest Wi-Fi called, and where is its password?")
         page.wait_answered()
+        page.js("window.scrollTo(0, 0)")
         driver.save_screenshot(str(out))
     finally:
         driver.quit()

@@ -9,13 +9,16 @@ const STORE = {key: "edgellm.apiKey", chat: "edgellm.chat", settings: "edgellm.s
 const RAG_PROMPT = "Use the following context to answer the question. If the context does not contain " +
   "the answer, say that you do not know.\n----------------\n";
 
+// What the server accepts as a key (frontend/access.py): a browser cannot send anything else in a header.
+const API_KEY = /^[\x21-\x2b\x2d-\x7e]{1,512}$/;
+
 const $ = (id) => document.getElementById(id);
 const ui = {
   model: $("model"), clear: $("clear"), keyButton: $("key-button"), settings: $("settings"),
   system: $("system"), temperature: $("temperature"), maxTokens: $("max-tokens"),
   collection: $("collection"), collections: $("collections"), file: $("file"), upload: $("upload"),
   uploadProgress: $("upload-progress"), uploadStatus: $("upload-status"), useDocs: $("use-docs"),
-  banner: $("banner"), conversation: $("conversation"), composer: $("composer"), prompt: $("prompt"),
+  banner: $("banner"), docsState: $("docs-state"), conversation: $("conversation"), composer: $("composer"), prompt: $("prompt"),
   send: $("send"), stop: $("stop"), keyDialog: $("key-dialog"), keyForm: $("key-form"),
   keyReason: $("key-reason"), apiKey: $("api-key"), keyCancel: $("key-cancel"),
 };
@@ -38,11 +41,37 @@ function save(name, value) {
   }
 }
 
-let messages = Array.isArray(load(STORE.chat, [])) ? load(STORE.chat, []) : [];
+// The conversation as browser storage keeps it, checked field by field: storage is input too (an
+// older page, another tab, a hand edit), and one bad entry must not stop the page from starting.
+function storedChat() {
+  const kept = load(STORE.chat, []);
+  if (!Array.isArray(kept)) return [];
+  const text = (v) => (typeof v === "string" ? v : undefined);
+  const number = (v) => (typeof v === "number" && Number.isFinite(v) ? v : undefined);
+  return kept.filter((m) => m && (m.role === "user" || m.role === "assistant") && typeof m.content === "string")
+    .map((m) => {
+      const message = {role: m.role, content: m.content, model: text(m.model), note: text(m.note),
+                       error: text(m.error), collection: text(m.collection)};
+      if (m.stats && number(m.stats.tokens) !== undefined) {
+        message.stats = {tokens: m.stats.tokens, ttft_ms: number(m.stats.ttft_ms),
+                         tokens_per_s: number(m.stats.tokens_per_s)};
+      }
+      if (Array.isArray(m.sources)) {
+        message.sources = m.sources.filter((p) => p && typeof p.source === "string" && number(p.score) !== undefined)
+          .map((p) => ({source: p.source, score: p.score}));
+      }
+      return message;
+    });
+}
+
+let messages = storedChat();
 let running = null;  // {controller, message} while an answer is streaming
 let afterKey = null;  // what to do again once an API key is entered
 
 // -- errors ----------------------------------------------------------------------------------
+// fetch could not reach the server, or the connection broke while reading an answer.
+class NetworkError extends Error {}
+
 class HttpError extends Error {
   constructor(status, message, retryAfter) {
     super(message);
@@ -71,8 +100,8 @@ function describe(error) {
     if (error.status >= 400 && error.status < 500) return `The request was refused (${error.status}): ${error.message}`;
     return `The server failed (${error.status}): ${error.message}`;
   }
-  if (error instanceof TypeError) return "Could not reach the server: " + error.message;
-  return String(error && error.message ? error.message : error);
+  if (error instanceof NetworkError) return "Could not reach the server: " + error.message;
+  return "The server sent an answer this page could not read: " + String(error && error.message ? error.message : error);
 }
 
 function showBanner(text) {
@@ -89,7 +118,13 @@ function headers(extra) {
 }
 
 async function api(path, options) {
-  const response = await fetch(path, Object.assign({}, options, {headers: headers(options && options.headers)}));
+  let response;
+  try {
+    response = await fetch(path, Object.assign({}, options, {headers: headers(options && options.headers)}));
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new NetworkError(error.message);
+  }
   if (!response.ok) throw await httpError(response);
   return response;
 }
@@ -103,6 +138,7 @@ function askForKey(reason, retry) {
   afterKey = retry || null;
   ui.keyReason.textContent = reason;
   ui.apiKey.value = "";
+  ui.keyDialog.returnValue = "";  // "save" once saved; anything else when dismissed
   if (!ui.keyDialog.open) ui.keyDialog.showModal();
   ui.apiKey.focus();
 }
@@ -131,6 +167,7 @@ async function loadModels() {
   const wanted = load(STORE.settings, {}).model;
   ui.model.replaceChildren(...chat.map((id) => new Option(id, id)));
   if (chat.includes(wanted)) ui.model.value = wanted;
+  ui.model.title = ui.model.value;
   if (!chat.length) showBanner("This server has no chat model.");
   else showBanner("");
   await loadCollections();
@@ -197,18 +234,21 @@ function element(tag, className, text) {
 }
 
 function formatStats(stats) {
-  const parts = [`${stats.tokens} tokens`];
+  const parts = [`${stats.tokens} token${stats.tokens === 1 ? "" : "s"}`];
   if (stats.ttft_ms !== undefined) parts.push(`first token ${Math.round(stats.ttft_ms)} ms`);
   if (stats.tokens_per_s !== undefined) parts.push(`${stats.tokens_per_s.toFixed(1)} tokens/s`);
   return parts.join(" · ");
 }
 
 function renderSources(message) {
+  if (!message.sources.length) {
+    return element("p", "sources note", `No passage of '${message.collection}' scored above the server's ` +
+                   "threshold: this answer does not come from your documents.");
+  }
   const box = element("details", "sources");
   box.open = true;
-  box.append(element("summary", "", message.sources.length
-    ? `${message.sources.length} source${message.sources.length === 1 ? "" : "s"} from '${message.collection}'`
-    : `No passage of '${message.collection}' scored above the server's threshold`));
+  box.append(element("summary", "",
+    `${message.sources.length} source${message.sources.length === 1 ? "" : "s"} from '${message.collection}'`));
   const list = element("ol");
   for (const source of message.sources) {
     const item = element("li", "source");
@@ -234,9 +274,19 @@ function renderMessage(message) {
   return el;
 }
 
+function nearBottom() {
+  const page = document.scrollingElement;
+  return page.scrollHeight - page.scrollTop - page.clientHeight < 160;
+}
+
+function scrollToEnd() {
+  const last = ui.conversation.lastElementChild;
+  if (last) last.scrollIntoView({block: "end"});
+}
+
 function render() {
   ui.conversation.replaceChildren(...messages.map(renderMessage));
-  ui.conversation.lastElementChild && ui.conversation.lastElementChild.scrollIntoView({block: "end"});
+  scrollToEnd();
 }
 
 let frame = 0;
@@ -244,8 +294,9 @@ function rerender(message) {  // at most once per frame while a reply streams
   if (frame) return;
   frame = requestAnimationFrame(() => {
     frame = 0;
+    const follow = nearBottom();  // a reader who scrolled up to read stays where they are
     if (message.el && message.el.isConnected) message.el.replaceWith(renderMessage(message));
-    ui.conversation.lastElementChild && ui.conversation.lastElementChild.scrollIntoView({block: "end"});
+    if (follow) scrollToEnd();
   });
 }
 
@@ -255,7 +306,18 @@ function keepChat() {
 
 function keepSettings() {
   save(STORE.settings, {model: ui.model.value, system: ui.system.value, temperature: ui.temperature.value,
-                        maxTokens: ui.maxTokens.value, collection: ui.collection.value, useDocs: ui.useDocs.checked});
+                        maxTokens: ui.maxTokens.value, collection: ui.collection.value, useDocs: ui.useDocs.checked,
+                        open: ui.settings.open});
+  showDocsState();
+}
+
+// Retrieval stays on once chosen (an upload turns it on): say so beside the message box, where it is
+// seen even with the settings folded away.
+function showDocsState() {
+  const collection = ui.collection.value.trim() || "default";
+  ui.docsState.textContent = ui.useDocs.checked ? `Answers use the documents of '${collection}'.` : "";
+  ui.docsState.hidden = !ui.useDocs.checked;
+  ui.model.title = ui.model.value;
 }
 
 function restoreSettings() {
@@ -265,6 +327,8 @@ function restoreSettings() {
   if (typeof s.maxTokens === "string") ui.maxTokens.value = s.maxTokens;
   if (typeof s.collection === "string") ui.collection.value = s.collection;
   ui.useDocs.checked = s.useDocs === true;
+  ui.settings.open = typeof s.open === "boolean" ? s.open : window.matchMedia("(min-width: 720px)").matches;
+  showDocsState();
 }
 
 // -- chat ------------------------------------------------------------------------------------
@@ -273,17 +337,22 @@ function setRunning(state) {
   ui.send.disabled = !!state;
   ui.stop.disabled = !state;
   document.body.classList.toggle("busy", !!state);
+  ui.conversation.setAttribute("aria-busy", state ? "true" : "false");  // screen readers wait for the whole answer
 }
 
-// The request for the reply now pending: the system text, then the conversation so far (the
-// pending reply left out, and replies that failed before any text).
+// Whether a finished reply failed (an error, or no text at all): its turn is history no more.
+const failed = (reply) => reply && reply.role === "assistant" && !reply.pending && (!!reply.error || !reply.content);
+
+// The request for the reply now pending: the system text, then the conversation so far. A turn whose
+// reply failed (a 400, a 503, an error mid-answer...) is left out, question and all: sent again it
+// would fail again, or make two user turns in a row. A reply cut by Stop keeps its text.
 function chatRequest(systemText) {
   const history = [];
   if (systemText) history.push({role: "system", content: systemText});
-  for (const m of messages) {
-    if (m.pending || (m.role === "assistant" && !m.content)) continue;
+  messages.forEach((m, i) => {
+    if (m.pending || failed(m) || (m.role === "user" && failed(messages[i + 1]))) return;
     history.push({role: m.role, content: m.content});
-  }
+  });
   const body = {model: ui.model.value, messages: history, stream: true, stream_options: {include_usage: true}};
   if (ui.temperature.value.trim() !== "") body.temperature = Number(ui.temperature.value);
   if (ui.maxTokens.value.trim() !== "") body.max_tokens = Number(ui.maxTokens.value);
@@ -302,7 +371,14 @@ async function readEvents(response, onEvent) {
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
-    const {value, done} = await reader.read();
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      return false;  // the connection broke mid-answer
+    }
+    const {value, done} = chunk;
     if (done) return false;
     buffer += decoder.decode(value, {stream: true});
     let end;
@@ -377,12 +453,11 @@ async function send() {
       askForKey("The server needs an API key. Send the message again once it is saved.");
     } else if (error instanceof HttpError && error.status === 0) {
       reply.error = "The answer failed: " + error.message;
-    } else if (error instanceof TypeError && reply.content) {
-      reply.error = "The connection dropped before the answer was complete.";
     } else {
       reply.error = describe(error);
     }
   } finally {
+    controller.abort();  // a stream the page gave up on (bad data, an error event) ends the job too
     const ended = performance.now();
     if (usage) {
       reply.stats = {tokens: usage.completion_tokens};
@@ -415,7 +490,12 @@ function upload() {
   form.append("collection", collection);
   const xhr = new XMLHttpRequest();
   xhr.open("POST", "/v1/create/rag");
-  for (const [name, value] of Object.entries(headers())) xhr.setRequestHeader(name, value);
+  try {
+    for (const [name, value] of Object.entries(headers())) xhr.setRequestHeader(name, value);
+  } catch (error) {  // a stored key no header can carry
+    askForKey("The saved API key cannot be sent: enter it again.");
+    return;
+  }
   ui.upload.disabled = true;
   ui.uploadProgress.hidden = false;
   ui.uploadProgress.value = 0;
@@ -477,22 +557,32 @@ ui.clear.addEventListener("click", () => {
 });
 ui.upload.addEventListener("click", upload);
 ui.keyButton.addEventListener("click", () => askForKey("Enter the server's API key (empty: none).", loadModels));
-ui.keyForm.addEventListener("submit", () => {  // method=dialog: the dialog closes itself
-  save(STORE.key, ui.apiKey.value.trim());
+ui.keyForm.addEventListener("submit", (e) => {  // method=dialog: the dialog closes itself
+  const key = ui.apiKey.value.trim();
+  if (key && !API_KEY.test(key)) {
+    e.preventDefault();
+    ui.keyReason.textContent = "An API key is 1 to 512 visible ASCII characters, without spaces or commas.";
+    return;
+  }
+  save(STORE.key, key);
   const retry = afterKey;
   afterKey = null;
   if (retry) retry().catch((error) => showBanner(describe(error)));
 });
-ui.keyCancel.addEventListener("click", () => {
-  afterKey = null;
-  ui.keyDialog.close();
+ui.keyCancel.addEventListener("click", () => ui.keyDialog.close());
+ui.keyDialog.addEventListener("cancel", () => { afterKey = null; });  // Escape
+ui.keyDialog.addEventListener("close", () => {
+  if (ui.keyDialog.returnValue !== "save" && !ui.model.options.length) {
+    afterKey = null;
+    showBanner("This server needs an API key: enter it with the API key button.");
+  }
 });
 for (const el of [ui.model, ui.system, ui.temperature, ui.maxTokens, ui.collection, ui.useDocs]) {
   el.addEventListener("change", keepSettings);
 }
+ui.settings.addEventListener("toggle", keepSettings);
 
 restoreSettings();
-ui.settings.open = window.matchMedia("(min-width: 720px)").matches;
 for (const m of messages) m.pending = false;
 render();
 loadModels().catch((error) => showBanner(describe(error)));

@@ -44,6 +44,12 @@ validate against their schemas; medians over all rounds. With ``--llama-server``
 run on llama-server (``--jinja``) too. It writes (or replaces) its own section of ``--out`` and
 keeps the others; the default scenario keeps that section in turn.
 
+``--scenario retrieval`` (issue 12, point 3) measures ``store.Store.search`` at 10k, 100k and 1M
+chunks of clustered 384-dim vectors: ingest rate, file size, p50/p95 latency and recall@5 against
+an exact search (scripts/bench_retrieval.py); it writes its own section of ``--out`` too:
+
+    .venv/bin/python scripts/bench.py --scenario retrieval --sizes 10000,100000,1000000 --out BENCHMARKS.md
+
 Every load loop is bounded (requests per client, a per-request and a per-level time
 limit); everything talks to 127.0.0.1 only; every server runs in its own process group
 and is killed in a ``finally`` even when the benchmark fails or is interrupted.
@@ -1424,6 +1430,34 @@ def run_structured(args) -> int:
     return 0
 
 
+RETRIEVAL_HEADING = "## Retrieval (`--scenario retrieval`)"
+
+
+def run_retrieval(args) -> int:
+    sys.path.insert(0, str(REPO))  # the store package
+    from bench_retrieval import measure, report
+
+    mach = machine_info()
+    results = []
+    for size in sorted({int(s) for s in args.sizes.split(",") if s.strip()}):
+        log(f"[retrieval] {size:,} chunks...")
+        results.append(measure(size, args.queries, args.chunks_per_doc))
+        log(f"[retrieval] {results[-1]}")
+    cmdline = " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/bench.py", *sys.argv[1:]])
+    machine = (f"{mach['cpu']}, {mach['cores']} logical cores, {mach['mem_gib']:.1f} GiB RAM, load average "
+               f"before {mach['load'][0]:.2f}, after {os.getloadavg()[0]:.2f}, "
+               f"{dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}")
+    section = report(results, cmdline, machine)
+    assert section.startswith(RETRIEVAL_HEADING)
+    if args.out:
+        path = Path(args.out)
+        path.write_text(replace_section(path.read_text() if path.exists() else "", RETRIEVAL_HEADING, section))
+        log(f"wrote the section '{RETRIEVAL_HEADING}' of {args.out}")
+    else:
+        print(section)
+    return 0
+
+
 def start_llama_server_jinja(args, parallel: int) -> tuple[Server, list[int]]:
     """llama-server as start_llama_server starts it, plus --jinja, which its tools support needs."""
     port = free_port()
@@ -1443,10 +1477,14 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128, help="max_tokens of every request")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrency levels")
-    p.add_argument("--scenario", choices=["servers", "structured"], default="servers",
+    p.add_argument("--scenario", choices=["servers", "structured", "retrieval"], default="servers",
                    help="servers (default): edgellm against llama.cpp's servers at each concurrency; "
                         "structured: plain / json_schema / tool_choice=required decode speed and n=4 against "
-                        "4 requests, written as its own section of --out")
+                        "4 requests; retrieval: Store.search at --sizes chunks; each of the last two is "
+                        "written as its own section of --out")
+    p.add_argument("--sizes", default="10000,100000,1000000", help="retrieval: collection sizes, in chunks")
+    p.add_argument("--queries", type=int, default=200, help="retrieval: queries per size")
+    p.add_argument("--chunks-per-doc", type=int, default=1000, help="retrieval: chunks per ingested document")
     p.add_argument("--rounds", type=int, default=None,
                    help="servers: requests each client sends, one after the other (default 2); "
                         "structured: rounds (default 3)")
@@ -1502,6 +1540,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     if args.scenario == "structured":
         return run_structured(args)
+    if args.scenario == "retrieval":
+        return run_retrieval(args)
     only = set(args.only.split(",")) if args.only else {"inprocess", "edgellm", "llama-server", "lcpp-server"}
     skipped: list[str] = []
 
@@ -1546,9 +1586,11 @@ def main(argv=None) -> int:
         skipped.append("the run was interrupted before it finished")
     report = render(args, levels, skipped, started, time.monotonic() - t0, mach, vers)
     if args.out:
-        kept = old_section(Path(args.out).read_text(), STRUCTURED_HEADING) if Path(args.out).exists() else None
-        if kept:  # the structured scenario's section stays until that scenario is run again
-            report = report.rstrip("\n") + "\n\n" + kept
+        old = Path(args.out).read_text() if Path(args.out).exists() else ""
+        for heading in (STRUCTURED_HEADING, RETRIEVAL_HEADING):  # the other scenarios' sections stay
+            kept = old_section(old, heading)
+            if kept:
+                report = report.rstrip("\n") + "\n\n" + kept
         Path(args.out).write_text(report)
         log(f"wrote {args.out}")
     else:

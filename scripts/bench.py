@@ -1420,14 +1420,19 @@ def run_structured(args) -> int:
     except KeyboardInterrupt:
         log("interrupted: servers stopped; writing what was measured")
         notes.append("the run was interrupted before it finished")
-    section = render_structured(args, batches, notes, started, time.monotonic() - t0, mach, vers)
+    write_section(args, STRUCTURED_HEADING,
+                  render_structured(args, batches, notes, started, time.monotonic() - t0, mach, vers))
+    return 0
+
+
+def write_section(args, heading: str, section: str) -> None:
+    """A scenario's section into --out, replacing its old one and keeping the rest; printed without --out."""
     if args.out:
         path = Path(args.out)
-        path.write_text(replace_section(path.read_text() if path.exists() else "", STRUCTURED_HEADING, section))
-        log(f"wrote the section '{STRUCTURED_HEADING}' of {args.out}")
+        path.write_text(replace_section(path.read_text() if path.exists() else "", heading, section))
+        log(f"wrote the section '{heading}' of {args.out}")
     else:
         print(section)
-    return 0
 
 
 RETRIEVAL_HEADING = "## Retrieval (`--scenario retrieval`)"
@@ -1449,12 +1454,7 @@ def run_retrieval(args) -> int:
                f"{dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}")
     section = report(results, cmdline, machine)
     assert section.startswith(RETRIEVAL_HEADING)
-    if args.out:
-        path = Path(args.out)
-        path.write_text(replace_section(path.read_text() if path.exists() else "", RETRIEVAL_HEADING, section))
-        log(f"wrote the section '{RETRIEVAL_HEADING}' of {args.out}")
-    else:
-        print(section)
+    write_section(args, RETRIEVAL_HEADING, section)
     return 0
 
 

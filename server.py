@@ -66,6 +66,12 @@ def sse(data, event: str | None = None) -> bytes:
     return f"{head}data: {text}\n\n".encode("utf-8")
 
 
+def sse_response(events) -> Response:
+    """A 200 streaming ``events`` (sse() bytes) as they come: not cached, not buffered by a proxy."""
+    return Response(events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                   "X-Accel-Buffering": "no"})
+
+
 def json_response(body: dict, status: int = 200) -> Response:
     return Response(json.dumps(body, ensure_ascii=False), status=status, mimetype="application/json")
 
@@ -196,7 +202,7 @@ class EdgeLLM:
         """The model a request names (or an alias of it), checked to be of ``kind``; none named: the
         first model of that kind."""
         models = self.model_names()
-        name = self.config.aliases().get(name, name)
+        name = self.config.model_name(name)
         if name is None:
             default = next((n for n, k in models.items() if k == kind), None)
             if default is None:
@@ -234,9 +240,7 @@ class EdgeLLM:
             except BaseException:
                 client.close()
                 raise
-            return Response(self._stream_chat(client, first, answer, opening, call.include_usage, gone),
-                            mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return sse_response(self._stream_chat(client, first, answer, opening, call.include_usage, gone))
         chunks, done = self.jobs.collect(model, call.job, gone)
         for chunk in chunks:
             answer.add(chunk)
@@ -312,9 +316,7 @@ class EdgeLLM:
         try:
             if call.stream:  # the first message decides the status: a 200 only once a job answered
                 opening = self._completion_chunks(answer, *next(messages))
-                return Response(self._stream_completion(group, messages, answer, opening, call.include_usage),
-                                mimetype="text/event-stream",
-                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return sse_response(self._stream_completion(group, messages, answer, opening, call.include_usage))
             for job, msg in messages:
                 self._completion_chunks(answer, job, msg)
             group.close()
@@ -365,9 +367,7 @@ class EdgeLLM:
             except BaseException:
                 client.close()
                 raise
-            return Response(self._stream_response(client, first, builder, req, opening, gone),
-                            mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return sse_response(self._stream_response(client, first, builder, req, opening, gone))
         chunks, done = self.jobs.collect(model, call.job, gone)
         for chunk in chunks:
             builder.add(chunk)
@@ -422,8 +422,7 @@ class EdgeLLM:
     def on_retrieve(self, request: Request) -> Response:
         body = self.json_body(request)
         call = parse_chat(body, self.limits, endpoint="retrieve")
-        if call.model is not None and \
-                self.model_names().get(self.config.aliases().get(call.model, call.model)) == ewp.JOB_CHAT:
+        if call.model is not None and self.model_names().get(self.config.model_name(call.model)) == ewp.JOB_CHAT:
             call.model = None  # a chat model named here (as RAG clients do) leaves the collection's own
         elif call.model is not None:
             self.resolve_model(call.model, ewp.JOB_EMBEDDING)

@@ -446,7 +446,8 @@ def parse_logit_bias(body: dict) -> dict | None:
 
 def parse_sampling(body: dict) -> dict:
     """The job fields that choose tokens, shared by every endpoint that runs a chat job: the
-    sampling fields, llama.cpp's extensions, logit_bias, stop, and the "output" constraint."""
+    sampling fields, llama.cpp's extensions, logit_bias and stop. (The "output" constraint is each
+    endpoint's own: parse_output for chat and completions, text.format for responses.)"""
     fields = {
         "stop": parse_stop(body),
         "temperature": v.number(body, "temperature", 0, 2),
@@ -459,7 +460,6 @@ def parse_sampling(body: dict) -> dict:
         "min_p": v.number(body, "min_p", 0, 1),
         "repeat_penalty": v.number(body, "repeat_penalty", 0, 10),
         "logit_bias": parse_logit_bias(body),
-        "output": parse_output(body),
     }
     if fields["repeat_penalty"] == 0:
         raise bad_request("'repeat_penalty' must be above 0 (1 disables it)", "repeat_penalty")

@@ -121,6 +121,7 @@ def parse_completion(body: dict) -> CompletionCall:
         "kind": ewp.JOB_CHAT,
         "max_tokens": v.integer(body, "max_tokens", 1),  # default: with_defaults()
         **chat_api.parse_sampling(body),
+        "output": chat_api.parse_output(body),
         "n": n if n > 1 else None,
         "logprobs": True if logprobs is not None else None,
         "top_logprobs": logprobs,
@@ -200,9 +201,13 @@ class CompletionAnswer:
         self.legacy = [_Legacy() for _ in self.texts]
         self.usages: list[dict] = []
 
+    def _head(self) -> dict:
+        """The fields every body of this answer starts with (chunks, usage chunk, JSON answer)."""
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "system_fingerprint": SYSTEM_FINGERPRINT}
+
     def _chunk(self, index: int, text: str, logprobs, finish_reason) -> dict:
-        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "system_fingerprint": SYSTEM_FINGERPRINT,
+        body = {**self._head(),
                 "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}]}
         if self.usage_field:
             body["usage"] = None
@@ -236,8 +241,7 @@ class CompletionAnswer:
         return {**total, "prompt_tokens_details": {"cached_tokens": cached}}
 
     def usage_chunk(self) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [], "usage": self.usage()}
+        return {**self._head(), "choices": [], "usage": self.usage()}
 
     def completion(self) -> dict:
         """The JSON answer, once every job's DONE was given to finish()."""
@@ -247,5 +251,4 @@ class CompletionAnswer:
             choices.append({"text": "".join(text), "index": index,
                             "logprobs": self.legacy[index].body() if self.logprobs else None,
                             "finish_reason": part.choices[index % self.n].finish_reason})
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, "usage": self.usage()}
+        return {**self._head(), "choices": choices, "usage": self.usage()}

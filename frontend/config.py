@@ -209,6 +209,10 @@ class ServerConfig:
         """Every configured alias -> the name of its model."""
         return {alias: m.name for m in self.models for alias in m.aliases}
 
+    def model_name(self, name: str | None) -> str | None:
+        """The model a request's name stands for: the model an alias names, else the name itself."""
+        return self.aliases().get(name, name)
+
     def problems(self) -> list[str]:
         found = field_problems(self)
         if not found and self.max_file_bytes >= self.max_body_bytes:

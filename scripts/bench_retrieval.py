@@ -74,7 +74,6 @@ def measure(size: int, queries: int, chunks_per_doc: int, seed: int = 0) -> Retr
                 hits = store.search("bench", q.tolist(), limit=K)
                 latencies.append(time.perf_counter() - started)
                 found += len({int(h.text.split()[1]) for h in hits} & exact) / K
-    latencies.sort()
     return RetrievalResult(size, ingest, file_mib, 1000 * float(np.percentile(latencies, 50)),
                            1000 * float(np.percentile(latencies, 95)), found / queries)
 

@@ -143,15 +143,18 @@ function askForKey(reason, retry) {
   ui.apiKey.focus();
 }
 
+// Why the key prompt shows after a 401: the saved key was refused, or there is none yet.
+function refusedKeyReason() {
+  return load(STORE.key, "") ? "The saved API key was not accepted: enter another." : "This server needs an API key.";
+}
+
 // Runs an API call; a 401 asks for the key, and runs ``again`` (the whole operation) once one is saved.
 async function withKey(call, again) {
   try {
     return await call();
   } catch (error) {
     if (error instanceof HttpError && error.status === 401) {
-      const had = load(STORE.key, "");
-      askForKey(had ? "The saved API key was not accepted: enter another." : "This server needs an API key.",
-                again);
+      askForKey(refusedKeyReason(), again);
       return null;
     }
     throw error;
@@ -527,8 +530,7 @@ function upload() {
     const message = body && body.error && body.error.message ? body.error.message : xhr.statusText;
     if (xhr.status === 401) {
       done("The server needs an API key: upload again once it is saved.");
-      askForKey(load(STORE.key, "") ? "The saved API key was not accepted: enter another." :
-                "This server needs an API key.");
+      askForKey(refusedKeyReason());
       return;
     }
     done(describe(new HttpError(xhr.status, message, xhr.getResponseHeader("Retry-After"))));

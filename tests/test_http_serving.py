@@ -275,11 +275,15 @@ def drain_server(tmp_path, drain_timeout: float) -> ServerProcess:
 
 
 def refused_soon(port: int, timeout: float = 10) -> bool:
+    """True once connecting is refused. A connection that lands in the backlog just as the listener closes is
+    reset instead (the server is closing, not refusing yet): that attempt is simply made again."""
     def refused():
         try:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
         except ConnectionRefusedError:
             return True
+        except ConnectionResetError:
+            return False
         return False
     return bool(wait_for(refused, timeout, interval=0.05))
 

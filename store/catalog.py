@@ -1,5 +1,5 @@
-"""Collections: their names, lookup, creation with their vector table, and the
-dimension every vector stored in or searched against one must have."""
+"""Collections: their names, lookup, creation, and the dimension every vector stored in or
+searched against one must have."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Sequence
 
-from . import vec_tables
+from . import vector_table
 from .db import Connection
 from .errors import CollectionConflict, CollectionNotFound, DimensionMismatch, InvalidCollectionName
 from .records import Collection
@@ -25,7 +25,7 @@ def check_name(name: str) -> None:
 
 
 def find(conn: Connection, name: str) -> tuple[int, Collection] | None:
-    """The collection's row id (which names its vector table) and record."""
+    """The collection's row id and record."""
     row = conn.mapping(f"{_SELECT} WHERE name = ?", (name,))
     return None if row is None else _from_row(row)
 
@@ -42,7 +42,7 @@ def list_all(conn: Connection) -> list[Collection]:
 
 
 def ensure(conn: Connection, name: str, model: str, dimension: int) -> tuple[int, Collection]:
-    """The collection ``name``, created (with its vector table) if it does not exist.
+    """The collection ``name``, created if it does not exist.
 
     Call inside a write transaction, so that a collection created here goes
     away again if anything later in that transaction fails.
@@ -57,9 +57,7 @@ def ensure(conn: Connection, name: str, model: str, dimension: int) -> tuple[int
             "INSERT INTO collections (name, model, dimension, created_at) VALUES (?, ?, ?, ?)",
             (name, model, dimension, now),
         )
-        collection_id = conn.fetchvalue("SELECT last_insert_rowid()")
-        vec_tables.create_table(conn, collection_id, dimension)
-        return collection_id, Collection(name, model, dimension, now)
+        return conn.fetchvalue("SELECT last_insert_rowid()"), Collection(name, model, dimension, now)
     collection_id, existing = found
     if existing.model != model:
         raise CollectionConflict(
@@ -78,6 +76,11 @@ def _from_row(row: dict) -> tuple[int, Collection]:
     return collection_id, Collection(**row)
 
 
+def code_bytes(collection: Collection) -> int:
+    """The length of a sign-bit code of the collection's vectors (see ``codes.py``)."""
+    return -(-collection.dimension // 8)
+
+
 def vector_blob(vector: Sequence[float], collection: Collection) -> bytes:
     """``vector`` as sqlite-vec reads it, once its length is the collection's dimension."""
     if len(vector) != collection.dimension:
@@ -85,4 +88,4 @@ def vector_blob(vector: Sequence[float], collection: Collection) -> bytes:
             f"vector has {len(vector)} dimensions but collection {collection.name!r} "
             f"holds {collection.dimension}-dimensional vectors from model {collection.model!r}"
         )
-    return vec_tables.to_blob(vector)
+    return vector_table.to_blob(vector)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from . import catalog, vec_tables
+from . import catalog, vector_table
 from .db import Connection
 from .records import Collection, DocumentRecord, UpsertStatus
 
@@ -78,14 +78,11 @@ def upsert(
             "SELECT id FROM chunks WHERE document_id = ? ORDER BY ordinal", (document_id,)
         )
     ]
-    vec_tables.insert(conn, collection_id, list(zip(chunk_ids, blobs)))
+    vector_table.insert(conn, collection_id, chunk_ids, blobs)
     return status, None if existing is None else existing["file_id"]
 
 
 def delete_chunks(conn: Connection, collection_id: int, document_id: int) -> None:
-    """Delete a document's chunks and, first, their vectors (no foreign key reaches them)."""
-    chunk_ids = [
-        chunk_id for (chunk_id,) in conn.execute("SELECT id FROM chunks WHERE document_id = ?", (document_id,))
-    ]
-    vec_tables.delete(conn, collection_id, chunk_ids)
+    """Delete a document's chunks and, first, their vectors (which also marks the collection changed)."""
+    vector_table.delete_document(conn, collection_id, document_id)
     conn.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))

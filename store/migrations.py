@@ -2,15 +2,14 @@
 
 Each migration is a tuple of single statements rather than one script: the
 stdlib ``executescript`` commits any open transaction first, which would break
-the all-or-nothing upgrade.
-
-Per-collection vector tables are not created here; they are created with the
-collection (see ``vec_tables.py``) because their dimension is only known then.
+the all-or-nothing upgrade. A migration that must move data whose tables are
+only known at run time adds a function, run after its statements.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .db import Connection
@@ -22,6 +21,31 @@ class Migration:
     version: int
     name: str
     statements: tuple[str, ...]
+    run: Callable[[Connection], None] | None = None
+
+
+def _move_vectors_out_of_vec0(conn: Connection) -> None:
+    """Files made before migration 3 keep each collection's vectors in a ``vec0`` table ``vec_<id>``:
+    copy them into ``vectors`` with their codes, then drop the old table."""
+    from . import vector_table
+
+    for (collection_id,) in conn.execute("SELECT id FROM collections ORDER BY id"):
+        table = f"vec_{int(collection_id)}"
+        if conn.fetchone("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)) is None:
+            continue
+        first, last = conn.fetchone(f"SELECT min(rowid), max(rowid) FROM {table}")
+        # In ranges of rowids, so that a large collection never has to fit in memory at once.
+        for start in range(first or 0, (last or -1) + 1, _MOVE_BATCH):
+            rows = conn.execute(
+                f"SELECT rowid, embedding FROM {table} WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+                (start, start + _MOVE_BATCH - 1),
+            )
+            if rows:
+                vector_table.insert(conn, collection_id, [row[0] for row in rows], [bytes(row[1]) for row in rows])
+        conn.execute(f"DROP TABLE {table}")
+
+
+_MOVE_BATCH = 10_000
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -40,8 +64,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 created_at   INTEGER NOT NULL
             )
             """,
-            # The integer id names the collection's vec0 table (vec_<id>), so
-            # table names never depend on user input or its letter case.
+            # The integer id named the collection's vec0 table (vec_<id>) before migration 3.
             """
             CREATE TABLE collections (
                 id         INTEGER PRIMARY KEY,
@@ -63,8 +86,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             )
             """,
             "CREATE INDEX documents_file_id ON documents(file_id)",
-            # AUTOINCREMENT: a chunk id is also its vector's rowid, so ids are
-            # never reused, not even after the newest chunks were deleted.
+            # AUTOINCREMENT: chunk ids are never reused, not even after the
+            # newest chunks were deleted.
             """
             CREATE TABLE chunks (
                 id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -95,6 +118,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             )
             """,
         ),
+    ),
+    Migration(
+        3,
+        "vectors with sign-bit codes, out of per-collection vec0 tables",
+        (
+            # See vector_table.py for the layout and why it left vec0.
+            """
+            CREATE TABLE vectors (
+                chunk_id      INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
+                collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+                embedding     BLOB NOT NULL,
+                code          BLOB NOT NULL
+            )
+            """,
+            "CREATE INDEX vectors_codes ON vectors(collection_id, chunk_id, code)",
+            "ALTER TABLE collections ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+        ),
+        _move_vectors_out_of_vec0,
     ),
 )
 
@@ -131,6 +172,8 @@ def apply_migrations(conn: Connection, migrations: tuple[Migration, ...] = MIGRA
                 continue
             for statement in migration.statements:
                 conn.execute(statement)
+            if migration.run is not None:
+                migration.run(conn)
             conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, int(time.time())),

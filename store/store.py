@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
-from . import catalog, documents, files, responses, vec_tables
+from . import catalog, documents, files, responses, vector_table
 from .errors import FileNotFound, ResponseNotFound
 from .migrations import apply_migrations
 from .pool import ConnectionPool
@@ -27,6 +28,8 @@ class Store:
         if path in ("", ":memory:"):
             raise ValueError("Store needs a file path: pooled connections to :memory: would not share data")
         self._pool = ConnectionPool(path, size=max_connections, busy_timeout_ms=busy_timeout_ms)
+        self._code_index = None  # codes.CodeIndex, made by the first search (it needs numpy)
+        self._code_index_lock = threading.Lock()
         try:
             with self._pool.connection() as conn:
                 self.applied_migrations = apply_migrations(conn)
@@ -158,28 +161,42 @@ class Store:
 
         ``score`` is cosine similarity (1 - cosine distance); hits scoring
         below ``score_threshold`` are dropped. ``limit`` is capped at 4096,
-        the most sqlite-vec returns from one query.
+        the most one search returns.
+
+        Exact for collections of up to a few hundred chunks; above that the
+        candidates come from sign-bit codes (see ``vector_table.py``), and a hit
+        the codes rank far off can be missed (recall@5 and latency at 10k to
+        1M chunks: ``scripts/bench.py --scenario retrieval``).
         """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        # A read transaction: the collection lookup and the query see one snapshot.
+        limit = min(limit, vector_table.MAX_K)
+        # A read transaction: the collection lookup, its codes and the rescoring see one snapshot.
         with self._pool.connection() as conn, conn.transaction(write=False):
             collection_id, info = catalog.require(conn, collection)
             blob = catalog.vector_blob(vector, info)
+            candidates = self._codes().candidates(conn, collection_id, catalog.code_bytes(info), blob, limit)
             rows = conn.mappings(
-                f"WITH {vec_tables.knn_sql(collection_id)}"
+                f"WITH {vector_table.rescore_sql()}"
                 " SELECT ch.text AS text, knn.distance AS distance, d.source AS source, ch.id AS chunk_id,"
                 " d.id AS document_id, d.file_id AS file_id, ch.ordinal AS ordinal"
                 " FROM knn JOIN chunks ch ON ch.id = knn.chunk_id"
                 " JOIN documents d ON d.id = ch.document_id"
                 " ORDER BY knn.distance, ch.id",
-                (blob, min(limit, vec_tables.MAX_K)),
+                (blob, vector_table.candidates_json(candidates), collection_id, limit),
             )
-        # A vector without a direction (all zeros) has no cosine distance (NULL): it matches nothing.
-        hits = [Hit(score=1.0 - row.pop("distance"), **row) for row in rows if row["distance"] is not None]
+        hits = [Hit(score=1.0 - row.pop("distance"), **row) for row in rows]
         if score_threshold is None:
             return hits
         return [hit for hit in hits if hit.score >= score_threshold]
+
+    def _codes(self):
+        with self._code_index_lock:
+            if self._code_index is None:
+                from .codes import CodeIndex  # numpy: loaded only once something is searched
+
+                self._code_index = CodeIndex()
+            return self._code_index
 
     # Responses (POST /v1/responses)
 

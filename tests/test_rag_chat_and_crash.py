@@ -13,7 +13,7 @@ from llama_cpp import Llama
 
 from conftest import CHAT_PATH, EMBED_MODEL, EMBED_PATH, ROOT, ServerProcess, model_config
 from frontend.config import RAG_PROMPT
-from store import db, vec_tables
+from store import db
 from test_rag import PARIS, upload
 
 QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
@@ -97,9 +97,8 @@ def consistency(store_path) -> tuple[int, int]:
                                          "(SELECT 1 FROM documents d WHERE d.collection_id = c.id)")
         assert empty_collections == [], "a collection without documents"
         [(collection_id,)] = conn.execute("SELECT id FROM collections")
-        table = vec_tables.table_name(collection_id)
         chunks = conn.execute("SELECT count(*) FROM chunks")[0][0]
-        vectors = conn.execute(f"SELECT count(*) FROM {table}")[0][0]
+        vectors = conn.execute("SELECT count(*) FROM vectors WHERE collection_id = ?", (collection_id,))[0][0]
         assert chunks == vectors
         empty = conn.execute("SELECT count(*) FROM documents d WHERE NOT EXISTS "
                              "(SELECT 1 FROM chunks c WHERE c.document_id = d.id)")[0][0]

@@ -28,7 +28,7 @@ from store import (
     StoreError,
     content_hash,
 )
-from store import db, vec_tables
+from store import db, vector_table
 from store.migrations import MIGRATIONS, Migration, apply_migrations
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +56,8 @@ def query(path, sql, params=()):
 
 
 def vector_count(path, collection):
-    collection_id = query(path, "SELECT id FROM collections WHERE name = ?", (collection,))[0][0]
-    return query(path, f"SELECT count(*) FROM {vec_tables.table_name(collection_id)}")[0][0]
+    return query(path, "SELECT count(*) FROM vectors v JOIN collections c ON c.id = v.collection_id"
+                       " WHERE c.name = ?", (collection,))[0][0]
 
 
 def chunk_count(path):
@@ -76,8 +76,8 @@ def sources(path, collection):
     ]
 
 
-def vector_tables(path):
-    return [name for (name,) in query(path, "SELECT name FROM sqlite_master WHERE name LIKE 'vec_%'")]
+def all_vectors(path):
+    return query(path, "SELECT count(*) FROM vectors")[0][0]
 
 
 def integrity_ok(path):
@@ -244,8 +244,7 @@ def test_first_document_creates_the_collection(store, path):
     assert store.get_collection("docs") == created
     assert store.list_collections() == [created]
     assert store.get_collection("other") is None
-    [(collection_id,)] = query(path, "SELECT id FROM collections")
-    assert vec_tables.table_name(collection_id) in vector_tables(path)
+    assert vector_count(path, "docs") == 2
 
 
 def test_collection_of_another_model_or_dimension_is_refused(docs, path):
@@ -360,7 +359,7 @@ def test_failed_first_document_leaves_no_collection(store, path):
     assert store.get_collection("docs") is None
     assert store.list_collections() == []
     assert store.list_files() == []
-    assert vector_tables(path) == []
+    assert all_vectors(path) == 0
     assert integrity_ok(path)
 
 
@@ -479,13 +478,13 @@ def test_old_file_another_document_uses_is_kept(docs, path):
 
 
 def _fail_after_first_vector(monkeypatch):
-    real_insert = vec_tables.insert
+    real_insert = vector_table.insert
 
-    def insert_then_fail(conn, collection_id, rows):
-        real_insert(conn, collection_id, rows[:1])
+    def insert_then_fail(conn, collection_id, chunk_ids, blobs):
+        real_insert(conn, collection_id, chunk_ids[:1], blobs[:1])
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(vec_tables, "insert", insert_then_fail)
+    monkeypatch.setattr(vector_table, "insert", insert_then_fail)
 
 
 def test_failure_mid_document_writes_nothing(docs, path, monkeypatch):
@@ -507,7 +506,7 @@ def test_failure_mid_first_document_leaves_no_collection(store, path, monkeypatc
     assert store.list_collections() == []
     assert store.list_files() == []
     assert chunk_count(path) == 0
-    assert vector_tables(path) == []
+    assert all_vectors(path) == 0
     assert integrity_ok(path)
 
 
@@ -529,15 +528,15 @@ def _kill_mid_ingest(path, collection):
     script = textwrap.dedent(
         f"""
         import os
-        from store import Store, content_hash, vec_tables
+        from store import Store, content_hash, vector_table
 
-        real_insert = vec_tables.insert
+        real_insert = vector_table.insert
 
-        def insert_then_die(conn, collection_id, rows):
-            real_insert(conn, collection_id, rows[:1])
+        def insert_then_die(conn, collection_id, chunk_ids, blobs):
+            real_insert(conn, collection_id, chunk_ids[:1], blobs[:1])
             os._exit(9)
 
-        vec_tables.insert = insert_then_die
+        vector_table.insert = insert_then_die
         s = Store({os.fspath(path)!r})
         s.ingest_document({collection!r}, {MODEL!r}, "a", b"xy", content_hash(b"xy"), ["x", "y"],
                           [{basis(0)!r}, {basis(1)!r}])
@@ -566,7 +565,7 @@ def test_killed_process_leaves_no_empty_collection(path):
         assert reopened.list_collections() == []
         assert reopened.list_files() == []
     assert chunk_count(path) == 0
-    assert vector_tables(path) == []
+    assert all_vectors(path) == 0
     assert integrity_ok(path)
 
 

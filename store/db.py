@@ -9,6 +9,8 @@ exception class they raise).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -143,13 +145,15 @@ class _ExtensionUnavailable(Exception):
 
 
 def _sqlite_vec_path() -> str:
-    try:
-        import sqlite_vec
-    except ImportError as exc:
+    """The loadable extension inside the sqlite_vec package, found without importing the package:
+    its ``__init__`` imports numpy for a helper the store does not use, which would cost a front end
+    that never searches about 12 MB of memory."""
+    spec = importlib.util.find_spec("sqlite_vec")
+    if spec is None or not spec.submodule_search_locations:
         raise SqliteVecUnavailable(
             "the sqlite-vec package is not installed; install it with: pip install sqlite-vec"
-        ) from exc
-    return sqlite_vec.loadable_path()
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], "vec0")
 
 
 def _open_sqlite3(path: str, loadable: str) -> Connection:

@@ -593,3 +593,25 @@ def test_threads_share_one_store(store, path):
     assert len(sources(path, "docs")) == 32
     assert len(store.list_files()) == 32
     assert integrity_ok(path)
+
+
+def test_opening_a_store_loads_neither_numpy_nor_the_sqlite_vec_package(path):
+    """A front end that never searches keeps its memory small: numpy (about 12 MB resident) comes
+    in with the first search or ingest, not with opening the store."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from store import Store
+        Store({os.fspath(path)!r}).close()
+        print(sorted(m for m in ("numpy", "sqlite_vec") if m in sys.modules))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, timeout=60)
+    assert result.stdout.decode().strip() == "[]", result.stderr.decode()
+
+
+def test_missing_sqlite_vec_package_says_what_to_install(path, monkeypatch):
+    monkeypatch.setattr(db.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SqliteVecUnavailable) as raised:
+        Store(path)
+    assert "pip install sqlite-vec" in str(raised.value)

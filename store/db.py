@@ -10,6 +10,7 @@ exception class they raise).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,6 +43,19 @@ class Connection:
         """Run one statement and return all its rows."""
         try:
             return self._raw.execute(sql, tuple(params)).fetchall()
+        except self._error_types as exc:
+            raise DatabaseError(str(exc)) from exc
+
+    def batches(self, sql: str, params: Sequence[Any] = (), size: int = 10_000) -> Iterator[list[Row]]:
+        """Run one query and yield its rows ``size`` at a time, so a large result never sits in
+        memory whole. Finish (or close) the iteration before the next statement on this connection."""
+        try:
+            cursor = iter(self._raw.execute(sql, tuple(params)))
+            while True:
+                rows = list(itertools.islice(cursor, size))
+                if not rows:
+                    return
+                yield rows
         except self._error_types as exc:
             raise DatabaseError(str(exc)) from exc
 

@@ -8,12 +8,16 @@ only known at run time adds a function, run after its statements.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .db import Connection
 from .errors import SchemaTooNew
+
+log = logging.getLogger("edgellm.store")
 
 
 @dataclass(frozen=True)
@@ -26,22 +30,28 @@ class Migration:
 
 def _move_vectors_out_of_vec0(conn: Connection) -> None:
     """Files made before migration 3 keep each collection's vectors in a ``vec0`` table ``vec_<id>``:
-    copy them into ``vectors`` with their codes, then drop the old table."""
+    copy them into ``vectors`` with their codes, then drop the old table. One pass over each table,
+    in batches, so a large collection never has to fit in memory at once (vec0 scans its whole
+    table for any rowid range). A vector whose chunk is gone (only a damaged file has one) is left
+    behind rather than stop the upgrade."""
     from . import vector_table
 
     for (collection_id,) in conn.execute("SELECT id FROM collections ORDER BY id"):
         table = f"vec_{int(collection_id)}"
         if conn.fetchone("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)) is None:
             continue
-        first, last = conn.fetchone(f"SELECT min(rowid), max(rowid) FROM {table}")
-        # In ranges of rowids, so that a large collection never has to fit in memory at once.
-        for start in range(first or 0, (last or -1) + 1, _MOVE_BATCH):
-            rows = conn.execute(
-                f"SELECT rowid, embedding FROM {table} WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
-                (start, start + _MOVE_BATCH - 1),
-            )
-            if rows:
-                vector_table.insert(conn, collection_id, [row[0] for row in rows], [bytes(row[1]) for row in rows])
+        stored = moved = 0
+        for batch in conn.batches(f"SELECT rowid, embedding FROM {table}", size=_MOVE_BATCH):
+            live = {chunk_id for (chunk_id,) in conn.execute(
+                "SELECT id FROM chunks WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps([row[0] for row in batch]),))}
+            part = [(row[0], bytes(row[1])) for row in batch if row[0] in live]
+            vector_table.insert(conn, collection_id, [c for c, _ in part], [b for _, b in part])
+            stored += len(batch)
+            moved += len(part)
+        if moved < stored:
+            log.warning("collection %d: %d vector(s) without a chunk were left behind", collection_id,
+                        stored - moved)
         conn.execute(f"DROP TABLE {table}")
 
 
@@ -134,6 +144,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
             "CREATE INDEX vectors_codes ON vectors(collection_id, chunk_id, code)",
             "ALTER TABLE collections ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+            # float32 blob: the point sign-bit codes are taken around (see codes.py)
+            "ALTER TABLE collections ADD COLUMN centre BLOB",
         ),
         _move_vectors_out_of_vec0,
     ),

@@ -163,10 +163,10 @@ class Store:
         below ``score_threshold`` are dropped. ``limit`` is capped at 4096,
         the most one search returns.
 
-        Exact for collections of up to a few hundred chunks; above that the
-        candidates come from sign-bit codes (see ``vector_table.py``), and a hit
-        the codes rank far off can be missed (recall@5 and latency at 10k to
-        1M chunks: ``scripts/bench.py --scenario retrieval``).
+        Exact for collections of up to 1024 chunks; above that the candidates
+        come from sign-bit codes (see ``vector_table.py``), and a hit the codes
+        rank far off can be missed (recall@5 and latency at 10k to 1M chunks:
+        ``scripts/bench.py --scenario retrieval``).
         """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
@@ -177,13 +177,13 @@ class Store:
             blob = catalog.vector_blob(vector, info)
             candidates = self._codes().candidates(conn, collection_id, catalog.code_bytes(info), blob, limit)
             rows = conn.mappings(
-                f"WITH {vector_table.rescore_sql()}"
+                f"WITH {vector_table.nearest_sql(candidates)}"
                 " SELECT ch.text AS text, knn.distance AS distance, d.source AS source, ch.id AS chunk_id,"
                 " d.id AS document_id, d.file_id AS file_id, ch.ordinal AS ordinal"
                 " FROM knn JOIN chunks ch ON ch.id = knn.chunk_id"
                 " JOIN documents d ON d.id = ch.document_id"
                 " ORDER BY knn.distance, ch.id",
-                (blob, vector_table.candidates_json(candidates), collection_id, limit),
+                vector_table.nearest_params(blob, collection_id, candidates, limit),
             )
         hits = [Hit(score=1.0 - row.pop("distance"), **row) for row in rows]
         if score_threshold is None:

@@ -48,6 +48,7 @@ REFUSAL_LINGER = 2.0  # seconds a refused connection may take to read its 503 be
 MAX_REFUSALS = 256  # refused connections lingering at once; past that they are closed at once
 CANCEL_GRACE = 5.0  # seconds cancelled requests get to send their error before connections are cut
 THREAD_WAIT = 1.0  # seconds a complete request may wait for a free request thread before its 503
+INITIAL_THREADS = 8  # request threads started with the server; more start as requests need them
 
 
 @dataclass(frozen=True)
@@ -168,16 +169,38 @@ class _Dispatcher(ThreadedTaskDispatcher):
         super().__init__()
         self.refuse = refuse
         self.draining = False
-        self.set_thread_count(threads)
+        self.max_threads = threads
+        self.starting = 0  # threads started by add_task that have not run yet
+        # Threads start as requests need them (an idle one costs memory), up to max_threads.
+        self.set_thread_count(min(threads, INITIAL_THREADS))
 
     def add_task(self, channel):
         with self.lock:
-            if not self.draining and len(self.queue) < len(self.threads):
+            accepted = not self.draining and len(self.queue) < self.max_threads
+            if accepted:
                 channel.queued_at = time.monotonic()
                 self.queue.append(channel)
                 self.queue_cv.notify()
-                return
-        self._refuse(channel)
+                # Each waiting request needs a thread that is idle or starting (waitress counts a
+                # starting thread as active until it first waits).
+                while (len(self.threads) - self.active_count + self.starting < len(self.queue)
+                       and len(self.threads) < self.max_threads):
+                    self._start_thread()
+        if not accepted:
+            self._refuse(channel)
+
+    def _start_thread(self) -> None:
+        """One more request thread (the caller holds the lock), as waitress's set_thread_count starts them."""
+        number = next(n for n in range(len(self.threads) + 1) if n not in self.threads)
+        self.threads.add(number)
+        self.active_count += 1
+        self.starting += 1
+        self.start_new_thread(self._started, number)
+
+    def _started(self, number: int) -> None:
+        with self.lock:
+            self.starting -= 1
+        self.handler_thread(number)
 
     def expire(self) -> None:
         """Refuse the requests that waited too long for a thread (from the event loop)."""
@@ -193,7 +216,7 @@ class _Dispatcher(ThreadedTaskDispatcher):
         if self.draining:
             self.refuse(channel, "shutting_down", "the server is shutting down; retry shortly")
         else:
-            self.refuse(channel, "server_busy", f"all {len(self.threads)} request threads are busy; retry shortly")
+            self.refuse(channel, "server_busy", f"all {self.max_threads} request threads are busy; retry shortly")
 
     def busy(self) -> int:
         """Requests running or waiting for a thread."""

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import httpx
 import pytest
@@ -265,6 +266,40 @@ def test_oversized_headers_are_431(bounded):
     r = httpx.get(f"{bounded.url}/v1/models", headers={f"X-H{i}": "a" * 100 for i in range(100)}, timeout=30)
     assert_api_error(r, 431, "header_too_large")
     assert httpx.get(f"{bounded.url}/v1/models", timeout=30).status_code == 200
+
+
+def test_request_threads_start_as_requests_need_them_up_to_the_bound(tmp_path):
+    """Idle request threads cost memory, so only a few start with the server: 11 requests waiting
+    in a queue (each holding a thread) start the rest, the twelfth thread still serves, and past
+    http_threads = 12 a request is refused."""
+    srv = ServerProcess("http_threads = 12\nqueue_timeout = 120.0\n" + model_config("no-worker-chat", CHAT_PATH, workers=0),
+                        tmp_path)
+    body = json.dumps({"model": "no-worker-chat", "messages": [{"role": "user", "content": "Hi"}]}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    def threads() -> int:
+        return int(Path(f"/proc/{srv.proc.pid}/status").read_text().split("Threads:")[1].split()[0])
+
+    def queued() -> int:
+        return srv.health()["models"].get("no-worker-chat", {}).get("queued", 0)
+
+    try:
+        at_start = threads()
+        with ExitStack() as stack:
+            for expected in range(1, 12):
+                sock = stack.enter_context(socket.create_connection(("127.0.0.1", srv.port), timeout=30))
+                sock.sendall(request)
+                assert wait_for(lambda: queued() == expected, 30), srv.health()
+            assert httpx.get(f"{srv.url}/v1/models", timeout=30).status_code == 200  # the twelfth thread
+            assert threads() >= at_start + 3  # started as the requests came (8 at start, 12 now)
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", srv.port), timeout=30))
+            sock.sendall(request)  # the twelfth thread: none is left for anything else
+            r = wait_for(lambda: (r := httpx.get(f"{srv.url}/v1/models", timeout=30)).status_code == 503 and r, 30)
+            assert r, "no request was refused with all 12 request threads taken"
+            assert "12 request threads" in assert_api_error(r, 503, "server_busy")["message"]
+    finally:
+        srv.stop()
 
 
 # -- SIGTERM drains ----------------------------------------------------------------------------

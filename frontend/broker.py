@@ -188,7 +188,7 @@ class Broker:
         next_heartbeat = time.monotonic()
         while not self._stop.is_set():
             try:
-                ready = dict(poller.poll(int(self.heartbeat_interval * 1000 / 4)))
+                ready = dict(poller.poll(self._wake_ms(next_heartbeat)))
                 for index, sock in enumerate(self.worker_socks):
                     if sock in ready:
                         self._read(sock, lambda frames, index=index: self._from_worker(index, frames),
@@ -212,6 +212,14 @@ class Broker:
             self._dispatch()
             self._publish()
             self._turned_at = time.monotonic()
+
+    def _wake_ms(self, next_heartbeat: float) -> int:
+        """How long the loop may sleep without a message: until the next heartbeat, or a quarter of
+        an interval while requests wait in a queue (their queue_timeout is checked on each turn).
+        An idle server wakes about once a heartbeat."""
+        wait = self.heartbeat_interval / 4 if any(pool.queue for pool in self.pools.values()) \
+            else next_heartbeat - time.monotonic()
+        return max(1, int(wait * 1000))
 
     def _read(self, sock: zmq.Socket, handle, copy: bool = True) -> None:
         """Handle at most MAX_PER_TURN waiting messages of one socket (the others' turn comes next).

@@ -1392,14 +1392,10 @@ def old_section(text: str, heading: str) -> str | None:
 
 def run_structured(args) -> int:
     notes: list[str] = []
-    if not args.llama_server:
-        built = CACHE / "llama-cpp-python-0.3.36" / "build" / "bin" / "llama-server"
-        if built.exists():
-            args.llama_server = str(built)
-        else:
-            notes.append("llama-server was not run: no binary on this machine (none was built here: "
-                         "`scripts/build_llama_server.sh` takes a long llama.cpp compile); pass "
-                         "`--llama-server PATH` for a side-by-side row with the same json_schema and tools.")
+    if not find_llama_server(args):
+        notes.append("llama-server was not run: no binary on this machine (none was built here: "
+                     "`scripts/build_llama_server.sh` takes a long llama.cpp compile); pass "
+                     "`--llama-server PATH` for a side-by-side row with the same json_schema and tools.")
     mach, vers = machine_info(), versions(args)
     started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t0 = time.monotonic()
@@ -1448,13 +1444,55 @@ def run_retrieval(args) -> int:
         log(f"[retrieval] {size:,} chunks...")
         results.append(measure(size, args.queries, args.chunks_per_doc))
         log(f"[retrieval] {results[-1]}")
-    cmdline = " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/bench.py", *sys.argv[1:]])
-    machine = (f"{mach['cpu']}, {mach['cores']} logical cores, {mach['mem_gib']:.1f} GiB RAM, load average "
-               f"before {mach['load'][0]:.2f}, after {os.getloadavg()[0]:.2f}, "
-               f"{dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}")
-    section = report(results, cmdline, machine)
+    section = report(results, command_line(), machine_line(mach))
     assert section.startswith(RETRIEVAL_HEADING)
     write_section(args, RETRIEVAL_HEADING, section)
+    return 0
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/bench.py", *sys.argv[1:]])
+
+
+def machine_line(before: dict) -> str:
+    """The machine, its load average before (from machine_info) and now, and the time."""
+    return (f"{before['cpu']}, {before['cores']} logical cores, {before['mem_gib']:.1f} GiB RAM, load average "
+            f"before {before['load'][0]:.2f}, after {os.getloadavg()[0]:.2f}, "
+            f"{dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}")
+
+
+FOOTPRINT_HEADING = "## Footprint (`--scenario footprint`)"
+
+
+def find_llama_server(args) -> str | None:
+    """--llama-server, else the binary scripts/build_llama_server.sh built (building it first with
+    --build-llama-server); None when there is none."""
+    if not args.llama_server:
+        built = CACHE / "llama-cpp-python-0.3.36" / "build" / "bin" / "llama-server"
+        if not built.exists() and args.build_llama_server:
+            log("building llama-server (scripts/build_llama_server.sh)...")
+            subprocess.run(["bash", str(REPO / "scripts" / "build_llama_server.sh")], check=False, timeout=3600)
+        if built.exists():
+            args.llama_server = str(built)
+    return args.llama_server
+
+
+def run_footprint(args) -> int:
+    from bench_footprint import measure_edgellm, measure_llama_server, report
+
+    bench = sys.modules[__name__]
+    mach = machine_info()
+    results = []
+    for name, measure in [("edgellm", measure_edgellm), ("llama-server", measure_llama_server)]:
+        if name == "llama-server" and not find_llama_server(args):
+            log("[footprint] llama-server: no binary (pass --llama-server PATH, or --build-llama-server); skipped")
+            continue
+        log(f"[footprint] {name}...")
+        results.append(measure(bench, args))
+        log(f"[footprint] {results[-1]}")
+    section = report(results, command_line(), machine_line(mach))
+    assert section.startswith(FOOTPRINT_HEADING)
+    write_section(args, FOOTPRINT_HEADING, section)
     return 0
 
 
@@ -1477,14 +1515,16 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128, help="max_tokens of every request")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrency levels")
-    p.add_argument("--scenario", choices=["servers", "structured", "retrieval"], default="servers",
+    p.add_argument("--scenario", choices=["servers", "structured", "retrieval", "footprint"], default="servers",
                    help="servers (default): edgellm against llama.cpp's servers at each concurrency; "
                         "structured: plain / json_schema / tool_choice=required decode speed and n=4 against "
-                        "4 requests; retrieval: Store.search at --sizes chunks; each of the last two is "
+                        "4 requests; retrieval: Store.search at --sizes chunks; footprint: start-up, memory and "
+                        "idle CPU on the default config (scripts/bench_footprint.py); each of the last three is "
                         "written as its own section of --out")
     p.add_argument("--sizes", default="10000,100000,1000000", help="retrieval: collection sizes, in chunks")
     p.add_argument("--queries", type=int, default=200, help="retrieval: queries per size")
     p.add_argument("--chunks-per-doc", type=int, default=1000, help="retrieval: chunks per ingested document")
+    p.add_argument("--idle-seconds", type=float, default=30.0, help="footprint: seconds of idle CPU measured")
     p.add_argument("--rounds", type=int, default=None,
                    help="servers: requests each client sends, one after the other (default 2); "
                         "structured: rounds (default 3)")
@@ -1542,19 +1582,15 @@ def main(argv=None) -> int:
         return run_structured(args)
     if args.scenario == "retrieval":
         return run_retrieval(args)
+    if args.scenario == "footprint":
+        return run_footprint(args)
     only = set(args.only.split(",")) if args.only else {"inprocess", "edgellm", "llama-server", "lcpp-server"}
     skipped: list[str] = []
 
-    if "llama-server" in only and not args.llama_server:
-        built = CACHE / "llama-cpp-python-0.3.36" / "build" / "bin" / "llama-server"
-        if not built.exists() and args.build_llama_server:
-            log("building llama-server (scripts/build_llama_server.sh)...")
-            subprocess.run(["bash", str(REPO / "scripts" / "build_llama_server.sh")], check=False, timeout=3600)
-        if built.exists():
-            args.llama_server = str(built)
-        else:
+    if "llama-server" in only:
+        if not find_llama_server(args):
             skipped.append("llama-server: no binary (pass --llama-server PATH, or --build-llama-server)")
-    elif "llama-server" not in only:
+    else:
         args.llama_server = None
     lcpp_python = Path(args.lcpp_venv) / "bin" / "python"
     if "lcpp-server" in only:

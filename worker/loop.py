@@ -37,6 +37,7 @@ from worker import protocol as ewp
 log = logging.getLogger("edgellm.worker")
 
 EXIT_STUCK = 3  # the process's exit status when a step ran past step_timeout
+IDLE_WAKE = 0.5  # seconds an idle thread sleeps between looks at stop(): few wake-ups while nothing runs
 STUCK_FLUSH_SECONDS = 1.0  # how long a stuck worker waits, its ERRORs sent, before it exits
 
 
@@ -108,7 +109,8 @@ class WorkerLoop:
         connection.start()
         try:
             while self.running.is_set():
-                timeout_ms = 0 if self.engine.busy() else 100
+                # Idle, wake only for a message (or to notice stop(): within IDLE_WAKE seconds).
+                timeout_ms = 0 if self.engine.busy() else int(IDLE_WAKE * 1000)
                 if pipe.poll(timeout_ms, zmq.POLLIN):
                     while pipe.poll(0, zmq.POLLIN):
                         self._handle_safely(pipe, pipe.recv_multipart())
@@ -243,7 +245,9 @@ class WorkerLoop:
         poller.register(pipe, zmq.POLLIN)
         poller.register(broker, zmq.POLLIN)
         while self.running.is_set():
-            ready = dict(poller.poll(int(ewp.HEARTBEAT_INTERVAL * 1000 / 4)))
+            # Wake for a message, the next heartbeat, or (while a step runs) to watch for a stuck one.
+            wake = min(next_heartbeat - time.monotonic(), IDLE_WAKE if self.step_started is None else 0.25)
+            ready = dict(poller.poll(max(1, int(wake * 1000))))
             if broker in ready:
                 while broker.poll(0, zmq.POLLIN):
                     frames = broker.recv_multipart()

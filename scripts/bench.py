@@ -1468,6 +1468,35 @@ def machine_line(before: dict) -> str:
 FOOTPRINT_HEADING = "## Footprint (`--scenario footprint`)"
 
 
+EMBEDDINGS_HEADING = "## Embeddings (`--scenario embeddings`)"
+
+
+def run_embeddings(args) -> int:
+    from bench_embeddings import LOADS, measure_load, report, start_edgellm, start_llama_server
+
+    bench = sys.modules[__name__]
+    mach = machine_info()
+    rates = []
+    starters = [("edgellm", start_edgellm)]
+    if find_llama_server(args):
+        starters.append(("llama-server", start_llama_server))
+    else:
+        log("[embeddings] llama-server: no binary (pass --llama-server PATH, or --build-llama-server); skipped")
+    for name, start in starters:
+        log(f"[embeddings] {name}...")
+        srv = start(bench, args)
+        try:
+            for load in LOADS:
+                rates.append(measure_load(name, srv.port, load, args.embedding_requests))
+                log(f"[embeddings] {rates[-1]} -> {rates[-1].per_second:.1f} texts/s")
+        finally:
+            srv.stop()
+    section = report(rates, command_line(), machine_line(mach))
+    assert section.startswith(EMBEDDINGS_HEADING)
+    write_section(args, EMBEDDINGS_HEADING, section)
+    return 0
+
+
 def find_llama_server(args) -> str | None:
     """--llama-server, else the binary scripts/build_llama_server.sh built (building it first with
     --build-llama-server); None when there is none."""
@@ -1519,16 +1548,19 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128, help="max_tokens of every request")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrency levels")
-    p.add_argument("--scenario", choices=["servers", "structured", "retrieval", "footprint"], default="servers",
+    p.add_argument("--scenario", choices=["servers", "structured", "retrieval", "footprint", "embeddings"],
+                   default="servers",
                    help="servers (default): edgellm against llama.cpp's servers at each concurrency; "
                         "structured: plain / json_schema / tool_choice=required decode speed and n=4 against "
                         "4 requests; retrieval: Store.search at --sizes chunks; footprint: start-up, memory and "
-                        "idle CPU on the default config (scripts/bench_footprint.py); each of the last three is "
+                        "idle CPU on the default config (scripts/bench_footprint.py); embeddings: texts/s at "
+                        "32 and 1 texts per request (scripts/bench_embeddings.py); each of the last four is "
                         "written as its own section of --out")
     p.add_argument("--sizes", default="10000,100000,1000000", help="retrieval: collection sizes, in chunks")
     p.add_argument("--queries", type=int, default=200, help="retrieval: queries per size")
     p.add_argument("--chunks-per-doc", type=int, default=1000, help="retrieval: chunks per ingested document")
     p.add_argument("--idle-seconds", type=float, default=30.0, help="footprint: seconds of idle CPU measured")
+    p.add_argument("--embedding-requests", type=int, default=40, help="embeddings: requests each client sends")
     p.add_argument("--rounds", type=int, default=None,
                    help="servers: requests each client sends, one after the other (default 2); "
                         "structured: rounds (default 3)")
@@ -1588,6 +1620,8 @@ def main(argv=None) -> int:
         return run_retrieval(args)
     if args.scenario == "footprint":
         return run_footprint(args)
+    if args.scenario == "embeddings":
+        return run_embeddings(args)
     only = set(args.only.split(",")) if args.only else {"inprocess", "edgellm", "llama-server", "lcpp-server"}
     skipped: list[str] = []
 
@@ -1628,7 +1662,8 @@ def main(argv=None) -> int:
     if args.out:
         old = Path(args.out).read_text() if Path(args.out).exists() else ""
         # the other scenarios' sections stay, and so does the analysis written by hand
-        for heading in (CHAT_ANALYSIS_HEADING, STRUCTURED_HEADING, RETRIEVAL_HEADING, FOOTPRINT_HEADING):
+        for heading in (CHAT_ANALYSIS_HEADING, STRUCTURED_HEADING, RETRIEVAL_HEADING, FOOTPRINT_HEADING,
+                        EMBEDDINGS_HEADING):
             kept = old_section(old, heading)
             if kept:
                 report = report.rstrip("\n") + "\n\n" + kept

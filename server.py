@@ -45,7 +45,7 @@ from frontend.request_ids import HEADER as REQUEST_ID_HEADER, loggable_path, req
 from frontend.responses_api import HISTORY_JSON_FACTOR, ResponsesRequest, parse_responses
 from frontend.responses_output import ResponseBuilder
 from frontend.supervisor import Supervisor
-from frontend.web_ui import PAGE, PUBLIC_PATHS as WEB_UI_PATHS, asset_response
+from frontend.web_ui import ICON, PAGE, PUBLIC_PATHS as WEB_UI_PATHS, asset_response
 from store import Store, StoredResponse, StoreError
 from worker import protocol as ewp
 from worker.keys import KeyFileError, authorized_keys
@@ -119,6 +119,7 @@ class EdgeLLM:
             Rule("/health", endpoint="health", methods=["GET"]),
             Rule("/", endpoint="web_page", methods=["GET"]),
             Rule("/ui/<name>", endpoint="web_asset", methods=["GET"]),
+            Rule("/favicon.ico", endpoint="favicon", methods=["GET"]),
         ])
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -530,6 +531,9 @@ class EdgeLLM:
     # -- the web chat page (frontend/web_ui.py) ------------------------------------------
     def on_web_page(self, request: Request) -> Response:
         return self.on_web_asset(request, PAGE)
+
+    def on_favicon(self, request: Request) -> Response:
+        return self.on_web_asset(request, ICON)
 
     def on_web_asset(self, request: Request, name: str) -> Response:
         if not self.config.web_ui:

@@ -19,14 +19,15 @@ from werkzeug.wrappers import Request, Response
 
 ASSET_DIR = Path(__file__).resolve().parent / "webui"
 PAGE = "index.html"
+ICON = "icon.svg"  # also answered at /favicon.ico, which browsers ask for on their own
 ASSETS = {  # every file the page is made of, with its media type
     PAGE: "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
-    "icon.svg": "image/svg+xml",
+    ICON: "image/svg+xml",
 }
 # The paths answered without an API key: the page must load before it can ask for one.
-PUBLIC_PATHS = frozenset({"/", *(f"/ui/{name}" for name in ASSETS)})
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico", *(f"/ui/{name}" for name in ASSETS)})
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",

@@ -85,6 +85,9 @@ def test_page_is_served_from_the_package(server):
         assert again.status_code == 304
     assert total < 100_000, f"the page's files weigh {total} bytes"
     assert sorted(ASSETS) == sorted(p.name for p in ASSET_DIR.iterdir())  # every file shipped is served
+    icon = server.http.get("/favicon.ico")  # browsers ask for it on their own: no 404 in their console
+    assert icon.status_code == 200 and icon.content == (ASSET_DIR / "icon.svg").read_bytes()
+    assert icon.headers["content-type"] == "image/svg+xml"
     missing = server.http.get("/ui/../server.py")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert server.http.get("/ui/secret.txt").status_code == 404
@@ -99,7 +102,7 @@ def test_collections_are_listed(server):
 
 def test_page_needs_no_key_but_the_api_does(fakes):
     bare = httpx.Client(base_url=fakes.url)
-    for path in ("/", "/ui/app.js", "/ui/style.css"):
+    for path in ("/", "/ui/app.js", "/ui/style.css", "/favicon.ico"):
         assert bare.get(path).status_code == 200, path
     for path in ("/v1/models", "/v1/collections", "/ui/nothing"):
         assert bare.get(path).status_code == 401, path
@@ -110,7 +113,7 @@ def test_web_ui_can_be_turned_off(tmp_path_factory):
     config = model_config(EMBED_MODEL, EMBED_PATH, kind="embedding", workers=0)
     srv = ServerProcess("web_ui = false\n" + config, tmp_path_factory.mktemp("web-off"))
     try:
-        for path in ("/", "/ui/app.js"):
+        for path in ("/", "/ui/app.js", "/favicon.ico"):
             r = srv.http.get(path)
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
     finally:

@@ -48,7 +48,8 @@ class Connection:
 
     def batches(self, sql: str, params: Sequence[Any] = (), size: int = 10_000) -> Iterator[list[Row]]:
         """Run one query and yield its rows ``size`` at a time, so a large result never sits in
-        memory whole. Finish (or close) the iteration before the next statement on this connection."""
+        memory whole. Other statements may run on this connection between batches (migration 3
+        writes while it reads); the query's cursor stays open until the iteration ends."""
         try:
             cursor = iter(self._raw.execute(sql, tuple(params)))
             while True:

@@ -112,6 +112,9 @@ FIELDS: dict[str, Field] = {
     "grammar": Field(HONOURED, f"llama.cpp extension: a GBNF grammar (≤ {MAX_CLIENT_GRAMMAR_CHARS // 1024} KiB) the "
                      "answer follows"),
     "json_schema": Field(HONOURED, "llama.cpp extension: as `response_format` `json_schema`, the schema alone"),
+    "cache_prompt": Field(HONOURED, "llama.cpp extension; default true: the prompt's start is taken from a "
+                          "worker's cache when one holds it; false prefills the whole prompt, so the same request "
+                          "on an idle server gives the same text (see Determinism)"),
     "rag": Field(HONOURED, "edgellm: `false` turns retrieval off for a model with a RAG collection; "
                  "default true"),
     "collection": Field(HONOURED, "/v1/retrieve only: the collection searched", endpoint="retrieve"),
@@ -460,6 +463,9 @@ def parse_sampling(body: dict) -> dict:
         "min_p": v.number(body, "min_p", 0, 1),
         "repeat_penalty": v.number(body, "repeat_penalty", 0, 10),
         "logit_bias": parse_logit_bias(body),
+        # not sampling, but it can change the text: a reused prefix changes how rows share decodes.
+        # Sent only when false (the worker reuses by default).
+        "cache_prompt": None if v.boolean(body, "cache_prompt", default=True) else False,
     }
     if fields["repeat_penalty"] == 0:
         raise bad_request("'repeat_penalty' must be above 0 (1 disables it)", "repeat_penalty")

@@ -55,6 +55,7 @@ FIELDS: dict[str, Field] = {
     "top_k": Field(HONOURED, "llama.cpp extension, as in chat"),
     "min_p": Field(HONOURED, "llama.cpp extension, as in chat"),
     "repeat_penalty": Field(HONOURED, "llama.cpp extension, as in chat"),
+    "cache_prompt": Field(HONOURED, "llama.cpp extension, as in chat"),
     "grammar": Field(HONOURED, "llama.cpp extension, as in chat"),
     "json_schema": Field(HONOURED, "llama.cpp extension, as in chat"),
 }

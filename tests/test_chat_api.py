@@ -113,9 +113,10 @@ def test_spec_curl_streaming(server):
 
 
 def test_stream_and_json_give_the_same_answer(server):
-    # Same request, same (idle) server: the same text and finish reason, whichever way it is sent.
-    events = stream(server, temperature=0, stream_options={"include_usage": True})
-    body = chat(server, temperature=0).json()
+    # Same request, same (idle) server, whole prompt prefilled each time (cache_prompt false; see
+    # README, "Determinism"): the same text and finish reason, whichever way it is sent.
+    events = stream(server, temperature=0, cache_prompt=False, stream_options={"include_usage": True})
+    body = chat(server, temperature=0, cache_prompt=False).json()
     assert text_of(events) == body["choices"][0]["message"]["content"]
     assert events[-3]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
     assert events[-2]["usage"] == body["usage"]
@@ -152,12 +153,13 @@ def test_max_tokens_and_max_completion_tokens(server):
 
 @pytest.mark.parametrize("as_list", [False, True])
 def test_stop_strings(server, as_list):
-    # The greedy text of a request is the same on an idle server however often it is asked, so a
-    # stop string taken from inside it must cut the same request's answer right before it.
-    full_body = chat(server, messages=STORY, temperature=0, max_tokens=40).json()
+    # The greedy text of a request is the same on an idle server however often it is asked (its
+    # prompt prefilled whole each time), so a stop string taken from inside it must cut the same
+    # request's answer right before it.
+    full_body = chat(server, messages=STORY, temperature=0, max_tokens=40, cache_prompt=False).json()
     full = full_body["choices"][0]["message"]["content"]
     stop = stop_inside(full)
-    body = chat(server, messages=STORY, temperature=0, max_tokens=40,
+    body = chat(server, messages=STORY, temperature=0, max_tokens=40, cache_prompt=False,
                 stop=[NEVER, stop] if as_list else stop).json()
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["choices"][0]["message"]["content"] == full[:full.index(stop)]
@@ -168,15 +170,15 @@ def test_stop_strings(server, as_list):
 
 
 def test_stop_string_that_never_appears_changes_nothing(server):
-    full = chat(server, messages=STORY, temperature=0, max_tokens=40).json()
-    body = chat(server, messages=STORY, temperature=0, max_tokens=40, stop=NEVER).json()
+    full = chat(server, messages=STORY, temperature=0, max_tokens=40, cache_prompt=False).json()
+    body = chat(server, messages=STORY, temperature=0, max_tokens=40, stop=NEVER, cache_prompt=False).json()
     assert NEVER not in full["choices"][0]["message"]["content"]
     assert body["choices"] == full["choices"]
     assert body["usage"] == full["usage"]
 
 
 def test_stop_string_split_across_stream_chunks(server):
-    events = stream(server, messages=STORY, temperature=0, max_tokens=40)
+    events = stream(server, messages=STORY, temperature=0, max_tokens=40, cache_prompt=False)
     pieces = [c["choices"][0]["delta"].get("content", "") for c in events[:-1]]
     full = "".join(pieces)
     stop = stop_inside(full)
@@ -184,7 +186,7 @@ def test_stop_string_split_across_stream_chunks(server):
     # Where the unstopped stream's chunks end: the stop string spans at least one of those edges.
     edges = [sum(map(len, pieces[:i])) for i in range(1, len(pieces))]
     assert any(start < edge < start + len(stop) for edge in edges), (stop, pieces)
-    stopped = stream(server, messages=STORY, temperature=0, max_tokens=40, stop=[NEVER, stop])
+    stopped = stream(server, messages=STORY, temperature=0, max_tokens=40, stop=[NEVER, stop], cache_prompt=False)
     assert stopped[-1] == "[DONE]"
     assert stopped[-2]["choices"][0]["finish_reason"] == "stop"
     assert text_of(stopped) == full[:start]
@@ -192,8 +194,8 @@ def test_stop_string_split_across_stream_chunks(server):
 
 def test_seed_reproducible(server):
     story = [{"role": "user", "content": "Tell me a story."}]
-    a = chat(server, messages=story, temperature=1.0, seed=1234, max_tokens=40).json()
-    b = chat(server, messages=story, temperature=1.0, seed=1234, max_tokens=40).json()
+    a = chat(server, messages=story, temperature=1.0, seed=1234, max_tokens=40, cache_prompt=False).json()
+    b = chat(server, messages=story, temperature=1.0, seed=1234, max_tokens=40, cache_prompt=False).json()
     assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
     others = {chat(server, messages=story, temperature=1.0, seed=s, max_tokens=40).json()
               ["choices"][0]["message"]["content"] for s in (1, 2, 3)}
@@ -202,9 +204,11 @@ def test_seed_reproducible(server):
 
 def test_top_p_near_zero_is_greedy(server):
     story = [{"role": "user", "content": "Tell me a story."}]
-    greedy = chat(server, messages=story, temperature=0, max_tokens=30).json()["choices"][0]["message"]["content"]
+    greedy = chat(server, messages=story, temperature=0, max_tokens=30,
+                  cache_prompt=False).json()["choices"][0]["message"]["content"]
     for seed in (5, 6):
-        nucleus = chat(server, messages=story, temperature=1.5, top_p=0.001, seed=seed, max_tokens=30).json()
+        nucleus = chat(server, messages=story, temperature=1.5, top_p=0.001, seed=seed, max_tokens=30,
+                       cache_prompt=False).json()
         assert nucleus["choices"][0]["message"]["content"] == greedy
 
 

@@ -54,7 +54,7 @@ def test_n_choices_share_one_prefill_and_each_ends(engine):
 
 def test_a_seed_gives_reproducible_different_choices(engine):
     request = {"messages": QUESTION, "n": 3, "max_tokens": 16, "temperature": 1.5, "top_k": 0, "min_p": 0,
-               "seed": 42}
+               "seed": 42, "cache_prompt": False}
     first, _ = run(engine, request)
     again, _ = run(engine, request)
     assert [text(first[i]) for i in range(3)] == [text(again[i]) for i in range(3)]

@@ -37,7 +37,8 @@ def streamed(client, **request) -> tuple[dict[int, str], dict[int, str], object,
 
 
 def test_json_and_stream_agree(client):
-    request = {"model": CHAT_MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 12}
+    request = {"model": CHAT_MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 12,
+               "extra_body": {"cache_prompt": False}}  # the same text each time (README, "Determinism")
     completion = client.completions.create(**request)
     assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
     assert completion.model == CHAT_MODEL and completion.system_fingerprint
@@ -128,10 +129,10 @@ def test_echo(client):
 
 def test_the_base_model(client):
     completion = client.completions.create(model=GEMMA_MODEL, prompt="Paris is the capital of", max_tokens=8,
-                                           temperature=0)
+                                           temperature=0, extra_body={"cache_prompt": False})
     check_finish(completion.choices[0].finish_reason, completion.usage.completion_tokens, 8)
     texts, finishes, usage, _ = streamed(client, model=GEMMA_MODEL, prompt="Paris is the capital of",
-                                         max_tokens=8, temperature=0)
+                                         max_tokens=8, temperature=0, extra_body={"cache_prompt": False})
     assert texts[0] == completion.choices[0].text and finishes[0] == completion.choices[0].finish_reason
 
 

@@ -21,7 +21,7 @@ OPENAI_FIELDS = {  # POST /v1/completions as OpenAI documents it (openai-python'
 
 def test_every_openai_field_has_a_row_and_the_readme_holds_the_table():
     assert OPENAI_FIELDS <= set(ca.FIELDS)
-    assert set(ca.FIELDS) - OPENAI_FIELDS == {"top_k", "min_p", "repeat_penalty", "grammar", "json_schema"}
+    assert set(ca.FIELDS) - OPENAI_FIELDS == {"top_k", "min_p", "repeat_penalty", "grammar", "json_schema", "cache_prompt"}
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert fields_table(ca.FIELDS) in readme
 

@@ -96,8 +96,8 @@ def test_non_streaming_client_disconnect_frees_the_slot(server):
 
 
 def test_prefix_of_previous_turn_is_reused(server):
-    """A chat's next turn shares its prompt prefix with the last: whole prefill chunks (508 tokens
-    with the default batch size and 4 slots) are taken from the slot's cache."""
+    """A chat's next turn starts with the last turn's prompt: all of it, and the answer's tokens as
+    far as they read back the same, are taken from the slot's cache."""
     background = "Background: the city of Lyon lies where the Rhône and the Saône meet. " * 50
     history = [{"role": "system", "content": "You are a helpful assistant. " + background},
                {"role": "user", "content": "What is the capital of France?"}]
@@ -108,7 +108,7 @@ def test_prefix_of_previous_turn_is_reused(server):
     second = server.http.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": history,
                                                             "temperature": 0, "max_tokens": 20}).json()
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert cached >= 508 and cached % 508 == 0
+    assert cached >= first["usage"]["prompt_tokens"]
     assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] >= cached
     assert isinstance(second["choices"][0]["message"]["content"], str)
     assert second["choices"][0]["finish_reason"] in ("stop", "length")

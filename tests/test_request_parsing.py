@@ -639,8 +639,8 @@ OPENAI_FIELDS = {  # POST /v1/chat/completions as OpenAI documents it (openai-py
 
 def test_every_openai_field_has_a_row():
     assert OPENAI_FIELDS <= set(FIELDS)
-    assert set(FIELDS) - OPENAI_FIELDS == {"top_k", "min_p", "repeat_penalty", "grammar", "json_schema", "rag",
-                                           "collection", "limit", "score_threshold"}
+    assert set(FIELDS) - OPENAI_FIELDS == {"top_k", "min_p", "repeat_penalty", "grammar", "json_schema",
+                                           "cache_prompt", "rag", "collection", "limit", "score_threshold"}
 
 
 def test_the_readme_holds_the_field_table():
@@ -648,7 +648,7 @@ def test_the_readme_holds_the_field_table():
     assert fields_table() in readme
 
 
-@pytest.mark.parametrize("name", ["foo", "n_predict", "cache_prompt", "x" * 1000])
+@pytest.mark.parametrize("name", ["foo", "n_predict", "x" * 1000])
 def test_unknown_fields_are_400s(name):
     err = api_error(parse_chat, {"messages": [USER], name: 1}, param=name[:64] + ("..." if len(name) > 64 else ""),
                     mentions=["unrecognized request argument"])
@@ -920,6 +920,12 @@ def test_logprobs(fields, expected):
 ])
 def test_bad_logprobs(fields, param):
     api_error(parse_chat, {"messages": [USER], **fields}, param=param)
+
+
+def test_cache_prompt_defaults_to_true_and_must_be_a_boolean():
+    assert "cache_prompt" not in parse_chat({"messages": [USER], "cache_prompt": True}).job  # the worker's default
+    assert parse_chat({"messages": [USER], "cache_prompt": False}).job["cache_prompt"] is False
+    api_error(parse_chat, {"messages": [USER], "cache_prompt": "no"}, param="cache_prompt")
 
 
 def test_logit_bias():

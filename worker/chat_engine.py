@@ -16,13 +16,15 @@ phases:
 Jobs join and leave between steps. An exception in any phase fails only the jobs that phase
 was working on, each with a coded ERROR; the engine and the worker process carry on.
 
-A prompt is prefilled in chunks of ``prefill_chunk`` tokens at fixed positions (0, C, 2C...),
-and a slot remembers the tokens its sequence still has in the KV cache after its job ends: a
-new job goes to the free slot sharing the longest prefix with its prompt (a chat's next turn)
-and only whole chunks of that prefix are reused, so a reused prefix was computed in exactly
-the decode a fresh prefill would run. (Results are not promised to be bit-identical across
-different batch compositions: llama.cpp's CPU kernels pick paths by batch size. See the
-README's "Determinism".)
+A slot remembers the tokens its sequence still holds in the KV cache after its job ends. A new
+job goes to the free slot sharing the longest prefix with its prompt (a chat's next turn, the
+same system prompt) and is prefilled from the end of that prefix. When another slot, busy or
+not, holds a longer prefix of the prompt, the job's slot copies that slot's cache instead
+(``llama_memory_seq_cp``); a job whose prompt shares its start with an older job still being
+prefilled waits for that prefill, then copies it, so a burst of requests with one system prompt
+prefills it once. Reusing a prefix changes which rows share a decode, and llama.cpp's CPU kernels
+pick paths by batch size: the same request can give different text from a warm cache than from
+a cold one (README, "Determinism").
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ log = logging.getLogger("edgellm.worker")
 # chunk, and more only while the step's prefill stays under this many tokens. The first
 # requests then get their first token early instead of all waiting for one big prefill.
 PREFILL_TOKENS_PER_STEP = 128
+
+# Copying another slot's cache copies its whole KV stream (llama.cpp copies across streams only
+# whole): about 6 ms for 2048 cells of SmolLM2-135M on a 2-core CPU, the cost of decoding a token
+# or two. A copy is made when it saves at least this many prompt tokens.
+COPY_SAVES_AT_LEAST = 8
 
 
 class SlotState(enum.Enum):
@@ -83,6 +90,7 @@ class ChatJob:
     n_cached: int  # prompt tokens reused from the slot's cache (not prefilled again)
     top_logprobs: int | None  # alternatives per token when logprobs were asked for, else None
     grammar_param: str | None = None  # the request field the answer's grammar comes from
+    reuse: bool = True  # its prompt may start from another prompt's cache ("cache_prompt")
     choices: list[Choice] = field(default_factory=list)
     # One slot per choice, the first prefills the prompt. A slot is the job's while its .job is
     # this job: one whose choice ended may already serve another job (see ChatEngine._held).
@@ -96,14 +104,17 @@ class Slot:
     seq_id: int
     state: SlotState = SlotState.IDLE
     cached: list[int] = field(default_factory=list)  # tokens in the KV cache for this sequence
-    exact: int = 0  # how many of them were prefilled in whole chunks (safe to reuse)
     job: ChatJob | None = None
     choice: Choice | None = None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the shared start of two token lists (compared a block at a time: prompts are
+    compared with every slot's cache each step a prefill waits)."""
     n = min(len(a), len(b))
     i = 0
+    while i + 64 <= n and a[i:i + 64] == b[i:i + 64]:
+        i += 64
     while i < n and a[i] == b[i]:
         i += 1
     return i
@@ -162,16 +173,16 @@ class ChatEngine:
         if len(free) < n:
             raise JobError(ewp.WORKER_BUSY, f"{len(free)} of this worker's slots are free; the job needs {n}")
         choices, grammar_param = self._choices(request, n)
+        reuse = request.get("cache_prompt") is not False
         free.sort(key=lambda s: self._reusable(s, prompt), reverse=True)
         first, others = free[0], free[len(free) - n + 1:]  # the others: the slots whose cache is worth least
-        keep = self._reusable(first, prompt)
+        keep = self._reusable(first, prompt) if reuse else 0
         lc.llama_memory_seq_rm(self.model.memory, first.seq_id, keep, -1)
         first.cached = prompt[:keep]
-        first.exact = keep
         logprobs = request.get("top_logprobs", 0) if request.get("logprobs") else None
         job = ChatJob(job_id=job_id, prompt=prompt, max_tokens=request.get("max_tokens"),
                       pending=deque(prompt[keep:]), n_cached=keep, top_logprobs=logprobs,
-                      grammar_param=grammar_param)
+                      grammar_param=grammar_param, reuse=reuse)
         job.choices = choices
         for slot, choice in zip([first, *others], choices):
             slot.job, slot.choice = job, choice
@@ -198,6 +209,10 @@ class ChatEngine:
         for job in list(self._jobs.values()):
             if job.cancelled and not job.ended:
                 events.extend(self._cancelled(job))
+        for slot in self._active():
+            if slot.state is SlotState.PREFILLING:
+                with self._failing([slot], events, "copying a cached prefix"):
+                    self._copy_shared_prefix(slot)
         outputs = self._build_batch(events)
         if self._batch.n_tokens:
             self._decode(events)
@@ -289,9 +304,11 @@ class ChatEngine:
                 continue
             with self._failing([slot], events, "batching"):
                 job = slot.job
-                piece = min(len(job.pending), self.prefill_chunk - len(slot.cached) % self.prefill_chunk)
+                if self._copies_later(slot):
+                    continue
+                piece = min(len(job.pending), self.prefill_chunk)
                 if rows + piece > self.n_batch or (prefilled and prefilled + piece > PREFILL_TOKENS_PER_STEP):
-                    break  # whole chunks only, oldest first: the rest wait for the next step
+                    break  # oldest first: the rest wait for the next step
                 plan.append((slot, [job.pending.popleft() for _ in range(piece)]))
                 prefilled += piece
                 rows += piece
@@ -319,8 +336,6 @@ class ChatEngine:
                     outputs.append((n, slot))
                 slot.cached.append(token)
                 n += 1
-            if slot.state is SlotState.PREFILLING and len(slot.cached) % self.prefill_chunk == 0:
-                slot.exact = len(slot.cached)
         batch.n_tokens = n
         return outputs
 
@@ -344,7 +359,7 @@ class ChatEngine:
             if other.state is SlotState.WAITING:
                 lc.llama_memory_seq_rm(self.model.memory, other.seq_id, -1, -1)
                 lc.llama_memory_seq_cp(self.model.memory, slot.seq_id, other.seq_id, -1, -1)
-                other.cached, other.exact = list(slot.cached), slot.exact
+                other.cached = list(slot.cached)
                 other.state = SlotState.PREFILLING
         for other in self._held(slot.job):
             if other.state is SlotState.PREFILLING:
@@ -435,7 +450,6 @@ class ChatEngine:
         """Drop the sequence's KV cache: after a failure it may not match ``cached``."""
         lc.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
         slot.cached = []
-        slot.exact = 0
 
     def _release(self, slot: Slot) -> None:
         job = slot.job
@@ -447,10 +461,42 @@ class ChatEngine:
 
     # -- prompts -------------------------------------------------------------------------
     def _reusable(self, slot: Slot, prompt: list[int]) -> int:
-        """Prompt tokens the slot's cache can stand in for: whole prefill chunks of a shared
-        prefix, leaving at least one token to decode (its logits start the answer)."""
-        shared = min(_common_prefix(slot.cached, prompt), slot.exact, len(prompt) - 1)
-        return shared - shared % self.prefill_chunk
+        """Prompt tokens the slot's cache can stand in for: the shared prefix, leaving at least one
+        token to decode (its logits start the answer)."""
+        return min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+
+    def _copy_shared_prefix(self, slot: Slot) -> None:
+        """Before a step: a job whose prefill has not started takes a copy of another slot's cache
+        where that slot holds a longer prefix of its prompt. (llama.cpp copies the cache before the
+        next decode, copies queued in order.)"""
+        job = slot.job
+        if job.reuse and len(slot.cached) == job.n_cached:
+            source = max(self._slots, key=lambda s: self._reusable(s, job.prompt))
+            shared = self._reusable(source, job.prompt)
+            if source is slot or shared < job.n_cached + COPY_SAVES_AT_LEAST:
+                return
+            memory = self.model.memory
+            lc.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            lc.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, -1, -1)
+            lc.llama_memory_seq_rm(memory, slot.seq_id, shared, -1)
+            slot.cached = job.prompt[:shared]
+            job.pending = deque(job.prompt[shared:])
+            job.n_cached = shared
+
+    def _copies_later(self, slot: Slot) -> bool:
+        """Whether the slot's prefill should wait for an older job still prefilling a longer prefix
+        of its prompt, to copy it next step rather than decode it again."""
+        job = slot.job
+        if not job.reuse or len(slot.cached) != job.n_cached:
+            return False  # its own prefill has started, or it reuses nothing
+        for other in self._active():
+            if other.job is job:
+                return False  # only older jobs come before it
+            if other.state is SlotState.PREFILLING:
+                shared = min(_common_prefix(other.job.prompt, job.prompt), len(job.prompt) - 1)
+                if shared >= job.n_cached + COPY_SAVES_AT_LEAST and shared > len(other.cached):
+                    return True
+        return False
 
     def _echo(self, request: dict) -> str:
         """The text each choice starts with when the job asks for "echo": a raw prompt's own text,

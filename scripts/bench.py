@@ -50,6 +50,11 @@ an exact search (scripts/bench_retrieval.py); it writes its own section of ``--o
 
     .venv/bin/python scripts/bench.py --scenario retrieval --sizes 10000,100000,1000000 --out BENCHMARKS.md
 
+``--n-gpu-layers N`` (issue 12, point 6) puts N layers on the GPU for edgellm's chat workers
+(``--n-gpu-layers``), llama-server (``-ngl``) and the in-process run; with N > 0 the run writes (or
+replaces) its own ``## Chat on a GPU`` section of ``--out`` and keeps the CPU sections. It needs
+llama.cpp built with CUDA: ``scripts/bench_gpu.sh`` builds it and runs this with the GPU options.
+
 Every load loop is bounded (requests per client, a per-request and a per-level time
 limit); everything talks to 127.0.0.1 only; every server runs in its own process group
 and is killed in a ``finally`` even when the benchmark fails or is interrupted.
@@ -474,7 +479,7 @@ def inprocess_child(args) -> None:
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=args.model, n_ctx=2048, n_threads=args.threads,
-                          n_threads_batch=args.threads, verbose=False)
+                          n_threads_batch=args.threads, n_gpu_layers=args.n_gpu_layers or 0, verbose=False)
 
     def one(i: int | None, max_tokens: int) -> dict:
         messages = prompt_for(i, args.salt) if i is not None else [{"role": "user", "content": "Hello"}]
@@ -513,6 +518,8 @@ def run_inprocess(args, attempt: int = 0) -> Level:
            "--model", args.model, "--threads", str(args.threads),
            "--tokens", str(args.tokens), "--rounds", str(args.rounds), "--quiet-wait", str(args.quiet_wait),
            "--quiet-below", str(args.quiet_below)]
+    if args.n_gpu_layers is not None:
+        cmd += ["--n-gpu-layers", str(args.n_gpu_layers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.level_timeout + 120, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"in-process run failed:\n{proc.stderr[-2000:]}")
@@ -540,6 +547,8 @@ def start_edgellm(args, parallel: int) -> tuple[Server, list[int]]:
            "--model-name", "bench", "--model-path", args.model, "--parallel", str(parallel),
            "--threads", str(args.threads), "--ctx-size", "2048", "--host", HOST, "--port", str(port),
            "--log-level", "warning"]
+    if args.n_gpu_layers is not None:
+        cmd += ["--n-gpu-layers", str(args.n_gpu_layers)]
     srv = Server("edgellm", cmd, port, "/health", logs_dir() / f"edgellm-p{parallel}.log")
     srv.wait_ready(args.start_timeout)
     workers = [w.get("pid") for w in srv.health.get("models", {}).get("bench", {}).get("workers", [])]
@@ -551,6 +560,8 @@ def start_llama_server(args, parallel: int) -> tuple[Server, list[int]]:
     cmd = [args.llama_server, "-m", args.model, "-t", str(args.threads), "-tb", str(args.threads),
            "-np", str(parallel), "-c", str(2048 * parallel), "--host", HOST, "--port", str(port),
            "--no-webui"]
+    if args.n_gpu_layers is not None:  # a CUDA build of llama-server offloads by default
+        cmd += ["-ngl", str(args.n_gpu_layers)]
     srv = Server("llama-server", cmd, port, "/health", logs_dir() / f"llama-server-p{parallel}.log")
     srv.wait_ready(args.start_timeout)
     return srv, [srv.proc.pid]
@@ -699,7 +710,8 @@ def versions(args) -> dict:
         v["llama-cpp-python"] = "not importable"
     try:
         v["edgellm"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                      capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+                                      capture_output=True, text=True, timeout=10).stdout.strip() \
+            or os.environ.get("EDGELLM_COMMIT") or "?"  # a copy of the tree without .git (scripts/bench_gpu.sh)
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.splitlines()
         out = os.path.relpath(Path(args.out).resolve(), REPO) if getattr(args, "out", None) else None
@@ -856,6 +868,41 @@ IN_PROCESS = "in-process (llama-cpp-python)"
 # A section written by hand from profiling (where the chat time goes); a new run keeps it.
 CHAT_ANALYSIS_HEADING = "## Where the chat gap comes from (written by hand)"
 ORDER = {IN_PROCESS: 0, "edgellm": 1, "llama-server": 2, "llama-cpp-python server": 3}
+
+# --n-gpu-layers > 0 writes this section instead of the CPU chat sections; a CPU run keeps it
+GPU_HEADING = "## Chat on a GPU (`--n-gpu-layers`)"
+
+
+def gpu_name() -> str:
+    """The GPUs as nvidia-smi names them (name, memory, driver), or why not."""
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+        lines = [ln.strip() for ln in p.stdout.splitlines() if ln.strip()]
+        return "; ".join(lines) if p.returncode == 0 and lines else f"unknown (nvidia-smi exited {p.returncode})"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown (nvidia-smi: {exc})"
+
+
+def gpu_section(args, report: str) -> str:
+    """The chat report of a --n-gpu-layers run as one `## ` section: its own heading and GPU lines, then
+    render()'s sections one level down."""
+    lines = report.splitlines()
+    body = lines[next(i for i, ln in enumerate(lines) if ln.startswith("## ")):]
+    L = [GPU_HEADING, "",
+         f"Generated by `scripts/bench_gpu.sh` (`scripts/bench.py --n-gpu-layers {args.n_gpu_layers}`); a CPU run of "
+         "`scripts/bench.py` keeps this section and a GPU run replaces only this one.", "",
+         f"- GPU: {gpu_name()}",
+         f"- Offload: `--n-gpu-layers {args.n_gpu_layers}` to edgellm's chat workers and `-ngl {args.n_gpu_layers}` "
+         "to llama-server (all layers where N is at least the model's layer count)"]
+    if args.gpu_build:
+        L.append(f"- Build: {args.gpu_build}")
+    L.append("- With every layer on the GPU the CPU threads do little (sampling, detokenizing, HTTP), and a "
+             "small model cannot keep a large GPU busy: expect these rows to show each server's per-token work "
+             "around the GPU more than the GPU's speed.")
+    L.append("")
+    L += [("#" + ln) if ln.startswith("## ") else ln for ln in body]
+    return "\n".join(L).rstrip("\n") + "\n"
 
 
 # ---------------------------------------------------------------------------------------
@@ -1591,6 +1638,14 @@ def parse_args(argv):
                    help="measure a level again when other processes used more than this percent of the "
                         "machine's CPU during it")
     p.add_argument("--retries", type=int, default=2, help="most re-measurements per level")
+    p.add_argument("--n-gpu-layers", type=int, default=None,
+                   help="layers on the GPU: edgellm's --n-gpu-layers, llama-server's -ngl, the in-process run's "
+                        "n_gpu_layers (needs CUDA builds: scripts/bench_gpu.sh); > 0 writes the '## Chat on a GPU' "
+                        "section of --out and keeps the others; unset: no such flag is passed (0 forces a CUDA "
+                        "build of llama-server onto the CPU)")
+    p.add_argument("--gpu-build", default=os.environ.get("EDGELLM_GPU_BUILD"),
+                   help="how llama.cpp was built, for the GPU section (default: $EDGELLM_GPU_BUILD, which "
+                        "scripts/bench_gpu.sh sets)")
     p.add_argument("--out", help="write the markdown report here (default: print it)")
     p.add_argument("--_inprocess-child", dest="inprocess_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--salt", type=int, default=10, help=argparse.SUPPRESS)
@@ -1659,11 +1714,14 @@ def main(argv=None) -> int:
         log("interrupted: servers stopped; writing what was measured")
         skipped.append("the run was interrupted before it finished")
     report = render(args, levels, skipped, started, time.monotonic() - t0, mach, vers)
+    if (args.n_gpu_layers or 0) > 0:  # its own section; the CPU chat report and the other sections stay
+        write_section(args, GPU_HEADING, gpu_section(args, report))
+        return 0
     if args.out:
         old = Path(args.out).read_text() if Path(args.out).exists() else ""
         # the other scenarios' sections stay, and so does the analysis written by hand
-        for heading in (CHAT_ANALYSIS_HEADING, STRUCTURED_HEADING, RETRIEVAL_HEADING, FOOTPRINT_HEADING,
-                        EMBEDDINGS_HEADING):
+        for heading in (CHAT_ANALYSIS_HEADING, GPU_HEADING, STRUCTURED_HEADING, RETRIEVAL_HEADING,
+                        FOOTPRINT_HEADING, EMBEDDINGS_HEADING):
             kept = old_section(old, heading)
             if kept:
                 report = report.rstrip("\n") + "\n\n" + kept

@@ -37,23 +37,29 @@ def job_id(n: int) -> str:
     return f"{n:032x}"
 
 
-def run(engine, jobs: dict[str, dict], start_later: dict[str, dict] | None = None, after_steps: int = 3):
-    """Run jobs to the end; start_later joins after a few steps. Returns {job: (text, done body)}."""
-    texts = {j: "" for j in [*jobs, *(start_later or {})]}
-    done = {}
+def events(engine, jobs: dict[str, dict], start_later: dict[str, dict] | None = None, after_steps: int = 3):
+    """Submit jobs and step the engine until it is idle, yielding every event; start_later joins
+    after a few steps."""
     for j, request in jobs.items():
         engine.submit(j, request)
     steps = 0
     while engine.busy():
-        for event in engine.step():
-            if event.command == ewp.CHUNK:
-                texts[event.job_id] += event.body.get("text", "")
-            else:
-                done[event.job_id] = event.body
+        yield from engine.step()
         steps += 1
         if steps == after_steps and start_later:
             for j, request in start_later.items():
                 engine.submit(j, request)
+
+
+def run(engine, jobs: dict[str, dict], start_later: dict[str, dict] | None = None, after_steps: int = 3):
+    """Run jobs to the end. Returns {job: (text, done body)}."""
+    texts = {j: "" for j in [*jobs, *(start_later or {})]}
+    done = {}
+    for event in events(engine, jobs, start_later, after_steps):
+        if event.command == ewp.CHUNK:
+            texts[event.job_id] += event.body.get("text", "")
+        else:
+            done[event.job_id] = event.body
     return {j: (texts[j], done[j]) for j in texts}
 
 
@@ -121,24 +127,15 @@ def greeting(n: int) -> dict:
 
 
 def run_with_logprobs(engine, jobs: dict[str, dict], later: dict[str, dict] | None = None):
-    """Like run(), also keeping each job's first logprobs entry: {job: (done body, top alternatives)}."""
+    """Like run(), keeping each job's first logprobs entry: {job: (done body, top alternatives)}."""
     first: dict[str, dict] = {}
     done = {}
-    for j, request in jobs.items():
-        engine.submit(j, request)
-    steps = 0
-    while engine.busy():
-        for event in engine.step():
-            if event.command == ewp.CHUNK and "logprobs" in event.body and event.job_id not in first:
-                entry = event.body["logprobs"][0]
-                first[event.job_id] = {alt["token"]: alt["logprob"] for alt in entry["top_logprobs"]}
-            elif event.command == ewp.DONE:
-                done[event.job_id] = event.body
-        steps += 1
-        if steps == 2 and later:
-            for j, request in later.items():
-                engine.submit(j, request)
-            later = None
+    for event in events(engine, jobs, later, after_steps=2):
+        if event.command == ewp.CHUNK and "logprobs" in event.body and event.job_id not in first:
+            entry = event.body["logprobs"][0]
+            first[event.job_id] = {alt["token"]: alt["logprob"] for alt in entry["top_logprobs"]}
+        elif event.command == ewp.DONE:
+            done[event.job_id] = event.body
     return {j: (done[j], first.get(j)) for j in done}
 
 

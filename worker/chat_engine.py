@@ -461,39 +461,50 @@ class ChatEngine:
 
     # -- prompts -------------------------------------------------------------------------
     def _reusable(self, slot: Slot, prompt: list[int]) -> int:
-        """Prompt tokens the slot's cache can stand in for: the shared prefix, leaving at least one
-        token to decode (its logits start the answer)."""
-        return min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        """Prompt tokens the slot's cache can stand in for."""
+        return self._shareable(slot.cached, prompt)
+
+    @staticmethod
+    def _shareable(tokens: list[int], prompt: list[int]) -> int:
+        """Prompt tokens that ``tokens`` (a slot's cache, or another job's prompt) can stand in for:
+        the shared prefix, leaving at least one token to decode (its logits start the answer)."""
+        return min(_common_prefix(tokens, prompt), len(prompt) - 1)
+
+    @staticmethod
+    def _may_take_a_prefix(slot: Slot) -> bool:
+        """Whether the slot's job may still start from another slot's cache: it reuses caches
+        ("cache_prompt") and its own prefill has not started."""
+        return slot.job.reuse and len(slot.cached) == slot.job.n_cached
 
     def _copy_shared_prefix(self, slot: Slot) -> None:
         """Before a step: a job whose prefill has not started takes a copy of another slot's cache
         where that slot holds a longer prefix of its prompt. (llama.cpp copies the cache before the
         next decode, copies queued in order.)"""
+        if not self._may_take_a_prefix(slot):
+            return
         job = slot.job
-        if job.reuse and len(slot.cached) == job.n_cached:
-            source = max(self._slots, key=lambda s: self._reusable(s, job.prompt))
-            shared = self._reusable(source, job.prompt)
-            if source is slot or shared < job.n_cached + COPY_SAVES_AT_LEAST:
-                return
-            memory = self.model.memory
-            lc.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
-            lc.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, -1, -1)
-            lc.llama_memory_seq_rm(memory, slot.seq_id, shared, -1)
-            slot.cached = job.prompt[:shared]
-            job.pending = deque(job.prompt[shared:])
-            job.n_cached = shared
+        shared, source = max(((self._reusable(s, job.prompt), s) for s in self._slots), key=lambda pair: pair[0])
+        if source is slot or shared < job.n_cached + COPY_SAVES_AT_LEAST:
+            return
+        memory = self.model.memory
+        lc.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+        lc.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, -1, -1)
+        lc.llama_memory_seq_rm(memory, slot.seq_id, shared, -1)
+        slot.cached = job.prompt[:shared]
+        job.pending = deque(job.prompt[shared:])
+        job.n_cached = shared
 
     def _copies_later(self, slot: Slot) -> bool:
         """Whether the slot's prefill should wait for an older job still prefilling a longer prefix
         of its prompt, to copy it next step rather than decode it again."""
+        if not self._may_take_a_prefix(slot):
+            return False
         job = slot.job
-        if not job.reuse or len(slot.cached) != job.n_cached:
-            return False  # its own prefill has started, or it reuses nothing
         for other in self._active():
             if other.job is job:
                 return False  # only older jobs come before it
             if other.state is SlotState.PREFILLING:
-                shared = min(_common_prefix(other.job.prompt, job.prompt), len(job.prompt) - 1)
+                shared = self._shareable(other.job.prompt, job.prompt)
                 if shared >= job.n_cached + COPY_SAVES_AT_LEAST and shared > len(other.cached):
                     return True
         return False

@@ -127,10 +127,31 @@ class _Channel(HTTPChannel):
     parser_class = _RequestParser
     error_task_class = _ErrorTask
     spoke = False  # whether the client has sent anything yet
+    writing = False  # a request thread is in write_soon, sending what it writes itself
 
     def received(self, data):
         self.spoke = self.spoke or bool(data)
         return super().received(data)
+
+    def write_soon(self, data):
+        """A request thread's write. waitress sends it from this thread (send_bytes is 1), under the
+        output buffer's lock; meanwhile its event loop, seeing bytes in the buffer, would poll the
+        socket for writing, wake at once, fail to take the lock and poll again: a busy loop that holds
+        the GIL the writing thread needs, for up to a switch interval on every write. So the loop
+        leaves the channel alone while a write runs, and takes over whatever the write could not
+        send (a client slower than the output)."""
+        self.writing = True
+        try:
+            return super().write_soon(data)
+        finally:
+            self.writing = False
+            if self.total_outbufs_len:
+                self.server.pull_trigger()
+
+    def writable(self):
+        if self.writing:
+            return self.will_close or self.close_when_flushed
+        return super().writable()
 
 
 class _Refusal(wasyncore.dispatcher):

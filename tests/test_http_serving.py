@@ -124,6 +124,78 @@ def test_disconnect_check_uses_waitress_flag_and_stops_on_drain():
     assert err.value.code == "shutting_down" and err.value.status == 503
 
 
+# -- request threads' writes, on an HTTPServer serving a plain WSGI app -------------------------
+
+@pytest.fixture
+def plain_server():
+    """An HTTPServer (frontend/http_server.py) running ``apps[0]``, on a free port."""
+    from frontend.config import ServerConfig
+    from frontend.http_server import HTTPServer
+    apps = []
+    server = HTTPServer(lambda environ, start_response: apps[0](environ, start_response), "127.0.0.1", 0,
+                        http_limits(ServerConfig(models=[])))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    yield server.socket.getsockname()[1], apps
+    server.request_drain()
+    server.request_drain()
+    thread.join(10)
+
+
+def get(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return sock
+
+
+def test_each_write_of_a_streaming_response_reaches_the_client_before_the_next(plain_server):
+    """A request thread sends what it writes itself (the event loop keeps out of a running write):
+    the app writes its next piece only once the client has seen the last one."""
+    port, apps = plain_server
+    seen = [threading.Event() for _ in range(3)]
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        for i, event in enumerate(seen):
+            yield f"data: piece {i}\n\n".encode()
+            if not event.wait(15):
+                return
+
+    apps.append(app)
+    sock, data = get(port), b""
+    for i, event in enumerate(seen):
+        while f"piece {i}".encode() not in data:
+            data += sock.recv(65536) or pytest.fail(f"closed before piece {i}: {data!r}")
+        event.set()
+    sock.close()
+
+
+def test_a_slow_reader_gets_every_byte_of_writes_bigger_than_the_socket_buffers(plain_server):
+    """What a write cannot send at once (the client reads slower than the app writes) the event loop
+    sends as the client reads, while the app still runs: the app waits for the client to have it all."""
+    port, apps = plain_server
+    piece, pieces = 2 * 1024 * 1024, 3
+    received, gave_up = threading.Event(), threading.Event()
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(piece * pieces))])
+        for i in range(pieces):
+            yield bytes([65 + i]) * piece
+        if not received.wait(10):  # still running: the loop, not the end of the request, flushes the rest
+            gave_up.set()
+
+    apps.append(app)
+    sock = get(port)
+    time.sleep(0.5)  # the writes fill the socket buffers and leave the rest in the channel
+    head, body = read_response(sock)
+    received.set()
+    assert not gave_up.is_set(), "the rest of the response came only once the app had ended"
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == b"".join(bytes([65 + i]) * piece for i in range(pieces))
+    sock.close()
+
+
 # -- many idle connections, on the shared server with the real models ------------------------
 
 def test_idle_flood_past_fd_1023_does_not_stop_chat_or_embeddings(server):

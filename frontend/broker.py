@@ -308,10 +308,12 @@ class Broker:
         if msg.command not in (ewp.CHUNK, ewp.DONE, ewp.ERROR):
             log.warning("dropped unexpected %s from worker %s", msg.name, identity[1].hex())
             return
-        self._job_reply(worker, msg)
+        self._job_reply(worker, msg, frames)
 
-    def _job_reply(self, worker: WorkerRecord, msg: ewp.Message) -> None:
-        """A CHUNK, DONE or ERROR from a registered worker."""
+    def _job_reply(self, worker: WorkerRecord, msg: ewp.Message, frames: list[bytes]) -> None:
+        """A CHUNK, DONE or ERROR from a registered worker (``frames``, as decoded into ``msg``). A
+        sound CHUNK or DONE goes on to its request as the worker's frames: encoding it again would
+        give the same bytes, at a cost (an embedding's numbers, printed once more)."""
         job = self.jobs.get(msg.job_id)
         if job is None or job.worker != worker.identity:
             if msg.command == ewp.CHUNK:
@@ -331,12 +333,12 @@ class Broker:
             return
         if msg.command == ewp.CHUNK:
             job.answered = True
-            self._to_client(job.client, ewp.CHUNK, job.job_id, msg.body)
+            self.clients_sock.send_multipart([job.client, *frames])
             return
         worker.jobs.pop(job.job_id, None)
         if msg.command == ewp.DONE:
             del self.jobs[job.job_id]
-            self._to_client(job.client, ewp.DONE, job.job_id, msg.body)
+            self.clients_sock.send_multipart([job.client, *frames])
         elif msg.body["code"] == ewp.WORKER_BUSY:
             job.attempts -= 1  # it never ran there: the bounce does not use up a move to another worker
             # Its free slots were fewer than counted: give it no new job for a moment, so that the job

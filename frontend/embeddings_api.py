@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import struct
-
 from frontend import validation as v
 from frontend.errors import APIError, bad_request
+from worker import protocol as ewp
 
 
 def _is_token_ids(value) -> bool:
@@ -71,10 +69,12 @@ def parse_embeddings(body: dict, limits: v.RequestLimits) -> tuple[str | None, l
     return model, inputs, encoding
 
 
-def encode_vector(vector: list[float], encoding: str):
+def encode_vector(vector, encoding: str):
+    """A vector (array("f") or a list of numbers) as the request's encoding_format wants it: base64
+    of little-endian float32 (OpenAI's layout, which is also the worker protocol's), or numbers."""
     if encoding == "base64":
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-    return vector
+        return ewp.pack_vector(vector)
+    return list(vector)
 
 
 def embeddings_response(model: str, chunks: list[dict], usage: dict, encoding: str) -> dict:

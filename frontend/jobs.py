@@ -237,10 +237,16 @@ class JobGroup:
 
 def in_order(chunks: list[dict], expected: int | None = None) -> list[dict]:
     """A job's CHUNK bodies sorted by index, checked to be exactly 0..n-1 (n = ``expected`` when
-    given) and, where they carry embeddings, all of one length: a worker's word is not trusted."""
+    given), their embeddings unpacked (array("f"), see ewp.pack_vector) and all of one length: a
+    worker's word is not trusted."""
     ordered = sorted(chunks, key=lambda c: c["index"])
     if [c["index"] for c in ordered] != list(range(len(ordered) if expected is None else expected)):
         raise APIError("worker_protocol_error", f"the worker returned {len(ordered)} results with wrong indices")
+    for chunk in ordered:
+        if "embedding" in chunk:
+            chunk["embedding"] = ewp.unpack_vector(chunk["embedding"])
+            if chunk["embedding"] is None:
+                raise APIError("worker_protocol_error", "the worker returned a malformed vector")
     if len({len(c["embedding"]) for c in ordered if "embedding" in c}) > 1:
         raise APIError("worker_protocol_error", "the worker returned vectors of different lengths")
     return ordered

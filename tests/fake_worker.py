@@ -90,7 +90,7 @@ class FaultyEngine:
                 events.append(Event(job_id, ewp.CHUNK, {"nonsense": True}))
             elif self.mode == "misfit":
                 del self.jobs[job_id]
-                events.append(Event(job_id, ewp.CHUNK, {"index": 0, "embedding": [1.0]}))
+                events.append(Event(job_id, ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([1.0])}))
             elif self.mode == "trickle":
                 time.sleep(0.2)
                 events.append(Event(job_id, ewp.CHUNK, {"index": 0, "text": "tick "}))

@@ -192,7 +192,7 @@ START = {"index": 0, "tool_call": {"index": 0, "name": "weather"}}
     [{"index": True, "text": "x"}],
     [{"index": "0", "text": "x"}],
     [{"index": 0, "text": 5}],
-    [{"index": 0, "text": "x", "embedding": [1.0]}],
+    [{"index": 0, "text": "x", "embedding": ewp.pack_vector([1.0])}],
     [{"index": 0, "tool_call": {"index": 0, "arguments": "{}"}}],  # arguments before the call started
     [START, {"index": 0, "tool_call": {"index": 2, "name": "time"}}],  # skips call 1
     [{"index": 0, "tool_call": {"index": 1, "name": "time"}}],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 
 import pytest
@@ -36,8 +38,8 @@ def test_malformed_frames_raise_protocol_error(frames):
 
 @pytest.mark.parametrize("command, body, ok", [
     (ewp.CHUNK, {"text": "hi"}, True),
-    (ewp.CHUNK, {"index": 0, "embedding": [0.1, 2]}, True),
-    (ewp.CHUNK, {"index": 0, "embedding": [True]}, False),
+    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([0.1, 2])}, True),
+    (ewp.CHUNK, {"index": 0, "embedding": [0.1, 2]}, False),  # numbers travel packed (EWP3)
     (ewp.CHUNK, {"text": 5}, False),
     (ewp.DONE, {"finish_reason": "stop", "usage": {"prompt_tokens": 1, "total_tokens": 2}}, True),
     (ewp.DONE, {"finish_reason": "stop", "usage": {"prompt_tokens": "1"}}, False),
@@ -123,14 +125,20 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_
 
 @pytest.mark.parametrize("command, body, ok", [
     (ewp.CHUNK, {"text": "\ud800"}, False),  # would fail to encode for the client
-    (ewp.CHUNK, {"index": 0, "embedding": [3e38, -0.5]}, True),
-    (ewp.CHUNK, {"index": 0, "embedding": [1e308, -0.5]}, False),  # beyond float32: cannot be stored
-    (ewp.CHUNK, {"index": 0, "embedding": [0.0, 0.0]}, False),  # no direction: no cosine
-    (ewp.CHUNK, {"index": 0, "embedding": []}, False),
-    (ewp.CHUNK, {"index": 0, "embedding": [float("inf")]}, False),  # what 1e999 decodes to
-    (ewp.CHUNK, {"index": 0, "embedding": [0.0] * (ewp.MAX_EMBEDDING + 1)}, False),
-    (ewp.CHUNK, {"index": -1, "embedding": [0.5]}, False),
-    (ewp.CHUNK, {"index": 0, "text": "chunk", "embedding": [0.5]}, True),
+    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([3e38, -0.5])}, True),
+    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([0.0, 0.0])}, False),  # no direction: no cosine
+    (ewp.CHUNK, {"index": 0, "embedding": ""}, False),
+    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([float("inf")])}, False),
+    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([float("nan"), 1.0])}, False),
+    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([0.5] * (ewp.MAX_EMBEDDING + 1))}, False),
+    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([0.5] * ewp.MAX_EMBEDDING)}, True),
+    (ewp.CHUNK, {"index": 0, "embedding": base64.b64encode(b"\0\0\x80?\0").decode()}, False),  # 5 bytes
+    (ewp.CHUNK, {"index": 0, "embedding": "AACAPw=="[:-1]}, False),  # not base64
+    (ewp.CHUNK, {"index": 0, "embedding": "AACA Pw=="}, False),
+    (ewp.CHUNK, {"index": 0, "embedding": "AACAPwé="}, False),  # not ASCII
+    (ewp.CHUNK, {"index": 0, "embedding": 1.0}, False),
+    (ewp.CHUNK, {"index": -1, "embedding": ewp.pack_vector([0.5])}, False),
+    (ewp.CHUNK, {"index": 0, "text": "chunk", "embedding": ewp.pack_vector([0.5])}, True),
     (ewp.CHUNK, {"text": "a", "extra": 1}, False),
     (ewp.CHUNK, {"index": 1, "text": "a", "logprobs": [LOGPROB], "finish_reason": "length"}, True),
     (ewp.CHUNK, {"index": 0, "tool_call": {"index": 0, "name": "get_weather"}}, True),
@@ -176,3 +184,12 @@ def test_job_body_schema(command, body, ok):
 ])
 def test_the_fields_a_jobs_chunks_must_and_may_carry(job, fields):
     assert ewp.chunk_fields(job) == fields
+
+
+def test_a_packed_vector_reads_back_as_float32_little_endian():
+    values = [0.5, -1.25, 3.0e38, 1e-3]
+    packed = ewp.pack_vector(values)
+    assert base64.b64decode(packed) == struct.pack("<4f", *values)  # OpenAI's base64 layout
+    assert list(ewp.unpack_vector(packed)) == list(struct.unpack("<4f", struct.pack("<4f", *values)))
+    assert ewp.unpack_vector(ewp.pack_vector([1e308])) is None  # beyond float32: packs as inf
+    assert ewp.unpack_vector("A" * (ewp._MAX_PACKED + 4)) is None  # refused before it is decoded

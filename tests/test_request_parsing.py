@@ -8,6 +8,7 @@ import base64
 import json
 import random
 import struct
+from array import array
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,11 @@ from frontend.embeddings_api import check_input_context, embeddings_response, en
 from frontend.embeddings_api import parse_embeddings as _parse_embeddings
 from frontend.embeddings_api import parse_input as _parse_input
 from frontend.errors import APIError
+from frontend.jobs import in_order
 from frontend.rag import last_user_text, merge_context
 from frontend.request_body import parse_json, read_body
 from store import Hit
+from worker import protocol as ewp
 from worker.grammar import MAX_CLIENT_GRAMMAR_CHARS
 from worker.strict_json import nests_deeper_than
 
@@ -336,13 +339,26 @@ def test_embedding_body_fields():
 
 def test_encode_vector():
     vector = [0.5, -1.25, 3.0, 0.0]
-    assert encode_vector(vector, "float") is vector
+    assert encode_vector(vector, "float") == vector
+    assert encode_vector(array("f", vector), "float") == vector  # as in_order unpacks a worker's vectors
+    assert encode_vector(array("f", vector), "base64") == encode_vector(vector, "base64")
     encoded = encode_vector(vector, "base64")
     assert isinstance(encoded, str)
     raw = base64.b64decode(encoded, validate=True)
     assert raw == struct.pack("<4f", *vector)  # little-endian float32, as OpenAI's clients decode it
     assert list(struct.unpack("<4f", raw)) == vector
     assert encode_vector([], "base64") == ""
+
+
+def test_in_order_unpacks_the_workers_vectors_and_refuses_bad_ones():
+    chunks = [{"index": 1, "embedding": ewp.pack_vector([1.0, 0.0])}, {"index": 0, "embedding": ewp.pack_vector([0.0, 1.0])}]
+    assert [list(c["embedding"]) for c in in_order(chunks, 2)] == [[0.0, 1.0], [1.0, 0.0]]
+    for bad in ([{"index": 0, "embedding": "AAAA"}],  # all zero: no direction
+                [{"index": 0, "embedding": [1.0]}],  # not packed
+                [{"index": 0, "embedding": ewp.pack_vector([1.0])}, {"index": 1, "embedding": ewp.pack_vector([1.0, 0.5])}]):
+        with pytest.raises(APIError) as caught:
+            in_order(bad)
+        assert caught.value.code == "worker_protocol_error"
 
 
 @pytest.mark.parametrize("encoding", ["float", "base64"])

@@ -18,13 +18,14 @@ refused before anything is embedded.
 
 from __future__ import annotations
 
-import math
 import time
+from array import array
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import llama_cpp as lc
+import numpy as np
 
 from worker.chunking import iter_chunks
 from worker import protocol as ewp
@@ -142,7 +143,7 @@ class EmbeddingEngine:
             rc = lc.llama_decode(self.model.ctx, self._batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
-            vectors = [lc.llama_get_embeddings_seq(self.model.ctx, seq)[:self.n_embd] for seq in range(len(taken))]
+            vectors = [self._normalised(lc.llama_get_embeddings_seq(self.model.ctx, seq)) for seq in range(len(taken))]
         except Exception as exc:  # fail the jobs of this batch, not the worker
             return events + [self._fail(job, f"embedding failed ({type(exc).__name__}: {exc})") for job in jobs]
         for item, vector in zip(taken, vectors):
@@ -189,9 +190,14 @@ class EmbeddingEngine:
                 n += 1
         batch.n_tokens = n
 
-    def _chunk_body(self, item: PendingInput, vector) -> dict:
-        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-        body = {"index": item.index, "embedding": [x / norm for x in vector]}
+    def _normalised(self, pooled) -> array:
+        """A sequence's pooled vector (a float pointer into llama.cpp's buffer), L2-normalised."""
+        vector = np.ctypeslib.as_array(pooled, shape=(self.n_embd,)).astype(np.float64)
+        vector /= np.linalg.norm(vector) or 1.0
+        return array("f", vector.astype(np.float32).tobytes())
+
+    def _chunk_body(self, item: PendingInput, vector: array) -> dict:
+        body = {"index": item.index, "embedding": ewp.pack_vector(vector)}
         if item.job.texts is not None:
             body["text"] = item.job.texts[item.index]
         return body

@@ -1,8 +1,11 @@
-"""The edgellm worker protocol (EWP), version 2: everything that crosses ZeroMQ.
+"""The edgellm worker protocol (EWP), version 3: everything that crosses ZeroMQ.
 
 Version 2 (issue 9) changed chat CHUNKs: they carry the choice's "index" (a job may have several
-choices), tool-call pieces, logprobs and each choice's finish_reason. A worker of version 1
-speaks a protocol the broker drops, so old remote workers must be upgraded with the server.
+choices), tool-call pieces, logprobs and each choice's finish_reason. Version 3 (issue 12) sends
+an embedding packed (pack_vector: base64 of little-endian float32) instead of as a JSON list:
+printing an embedding's numbers as text and reading them back, in the worker, the broker and the
+request, cost as much CPU as embedding the text. A worker of an older version speaks a protocol
+the broker drops, so old remote workers must be upgraded with the server.
 
 Written in the manner of the ZeroMQ guide's Majordomo (MDP.py): one module names the
 version, the message types and the frame layout, and holds the functions that build and
@@ -18,27 +21,27 @@ below.
 
 Frames (after the ROUTER's identity frame)
 ------------------------------------------
-    Frame 0: b"EWP2"            protocol and version; a message with any other value is dropped
+    Frame 0: b"EWP3"            protocol and version; a message with any other value is dropped
     Frame 1: command            one byte, one of the constants below
     Frame 2: job id             ASCII, 32 hex digits (uuid4().hex); only on job messages
     Frame 3: body               UTF-8 JSON object; see each command
 
 Worker -> broker
-    READY      [EWP2, READY, body]           registration: {"model", "kind", "slots", "n_ctx",
+    READY      [EWP3, READY, body]           registration: {"model", "kind", "slots", "n_ctx",
                                               "pid", "worker_id"} (kind is "chat" or "embedding")
-    HEARTBEAT  [EWP2, HEARTBEAT]              the worker is alive
-    CHUNK      [EWP2, CHUNK, job, body]       a piece of output, sent as soon as it is generated:
+    HEARTBEAT  [EWP3, HEARTBEAT]              the worker is alive
+    CHUNK      [EWP3, CHUNK, job, body]       a piece of output, sent as soon as it is generated:
                                               chat {"index" (the choice), and "text", "tool_call",
                                               "logprobs" and/or "finish_reason" (the choice's last)};
-                                              embedding {"index", "embedding"};
+                                              embedding {"index", "embedding"} (pack_vector);
                                               chunk {"index", "text"} (+ "embedding" with "embed")
-    DONE       [EWP2, DONE, job, body]        the job ended: {"finish_reason", "usage": {...}}
-    ERROR      [EWP2, ERROR, job, body]       the job failed: {"code", "message", "param"}, code one of
+    DONE       [EWP3, DONE, job, body]        the job ended: {"finish_reason", "usage": {...}}
+    ERROR      [EWP3, ERROR, job, body]       the job failed: {"code", "message", "param"}, code one of
                                               ERROR_CODES; nothing else in the body reaches the client
-    DISCONNECT [EWP2, DISCONNECT]             the worker is shutting down
+    DISCONNECT [EWP3, DISCONNECT]             the worker is shutting down
 
 Broker -> worker
-    JOB        [EWP2, JOB, job, body]         {"kind", ...request fields...}: kind "chat" (which takes
+    JOB        [EWP3, JOB, job, body]         {"kind", ...request fields...}: kind "chat" (which takes
                                               job_slots() slots: one per choice), "embedding", or
                                               "chunk" {"text", "capacity", "embed", "max_chunks"}.
                                               A chat job's prompt is "messages" (rendered with the chat
@@ -46,10 +49,10 @@ Broker -> worker
                                               tokenized with BOS and special tokens parsed) or
                                               "prompt_tokens" (ids, checked against the vocabulary);
                                               "echo": true starts each choice's text with that prompt
-    CANCEL     [EWP2, CANCEL, job]            stop the job and free its slot; the worker answers DONE
+    CANCEL     [EWP3, CANCEL, job]            stop the job and free its slot; the worker answers DONE
                                               with finish_reason "cancelled" (or nothing if it never had it)
-    HEARTBEAT  [EWP2, HEARTBEAT]              the broker is alive
-    DISCONNECT [EWP2, DISCONNECT]             forget me and register again (sent to unknown workers)
+    HEARTBEAT  [EWP3, HEARTBEAT]              the broker is alive
+    DISCONNECT [EWP3, DISCONNECT]             forget me and register again (sent to unknown workers)
 
 Checks
 ------
@@ -74,13 +77,18 @@ CHUNK, DONE and ERROR messages of its job.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import math
 import re
+import sys
+from array import array
 from dataclasses import dataclass
 
 from worker.strict_json import has_lone_surrogate, nests_deeper_than, refuse_constant
 
-PROTOCOL = b"EWP2"
+PROTOCOL = b"EWP3"
 
 READY = b"\x01"
 HEARTBEAT = b"\x02"
@@ -142,7 +150,7 @@ MAX_SLOTS = 4096  # slots one READY may claim (the server caps remote workers lo
 MAX_NAME = 128  # characters of a model name or a worker id
 MAX_COUNT = 2**31 - 1  # token counts, indexes, context sizes, pids
 MAX_EMBEDDING = 8192  # numbers in one embedding (sqlite-vec's most dimensions)
-MAX_FLOAT32 = 3.4028234663852886e38  # an embedding is stored and sent (base64) as float32
+MAX_FLOAT32 = 3.4028234663852886e38  # the largest float32: no logprob llama.cpp makes lies beyond it
 MAX_ERROR_MESSAGE = 4096  # characters of an ERROR's message (it reaches the client)
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "cancelled", None})
 CHOICE_FINISH_REASONS = frozenset({"stop", "length", "tool_calls"})  # a chat choice's last CHUNK
@@ -293,8 +301,8 @@ def _chunk_problem(body: dict) -> str | None:
     if index is not None and not _integer(index, 0, MAX_COUNT):
         return f"CHUNK 'index' must be an integer from 0 to {MAX_COUNT}"
     if embedding is not None and (index is None or not _vector(embedding)):
-        return (f"CHUNK 'embedding' must be a list of 1 to {MAX_EMBEDDING} float32 numbers, not all zero, "
-                "with an 'index'")
+        return (f"CHUNK 'embedding' must be base64 of 1 to {MAX_EMBEDDING} little-endian float32 numbers, "
+                "finite and not all zero, with an 'index'")
     if "tool_call" in body and not _tool_call_delta(body["tool_call"]):
         return ("CHUNK 'tool_call' must be {\"index\", \"name\"} (a call starts) or {\"index\", \"arguments\"}, "
                 "with a valid name and an integer index")
@@ -340,10 +348,39 @@ def _logprob(entry, top: bool) -> bool:
 
 
 def _vector(value) -> bool:
-    """A usable embedding: 1 to MAX_EMBEDDING numbers, each within float32, not all zero (no direction)."""
-    return isinstance(value, list) and 0 < len(value) <= MAX_EMBEDDING \
-        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) <= MAX_FLOAT32 for x in value) \
-        and any(value)
+    return unpack_vector(value) is not None
+
+
+def pack_vector(values) -> str:
+    """An embedding as a CHUNK carries it: base64 of its numbers as little-endian float32.
+    ``values``: an array("f"), or any sequence of numbers."""
+    data = values if isinstance(values, array) and values.typecode == "f" else array("f", values)
+    if sys.byteorder == "big":
+        data = array("f", data)
+        data.byteswap()
+    return base64.b64encode(data.tobytes()).decode("ascii")
+
+
+def unpack_vector(packed) -> array | None:
+    """The numbers of a packed embedding (array("f")), or None unless it is a usable one: base64 of
+    1 to MAX_EMBEDDING float32 numbers, all finite, not all zero (a vector with no direction)."""
+    if not isinstance(packed, str) or len(packed) > _MAX_PACKED:
+        return None
+    try:
+        raw = base64.b64decode(packed, validate=True)
+    except (binascii.Error, ValueError):  # not base64, or not ASCII
+        return None
+    if not raw or len(raw) % 4:
+        return None
+    values = array("f", raw)
+    if sys.byteorder == "big":
+        values.byteswap()
+    if not all(map(math.isfinite, values)) or not any(values):
+        return None
+    return values
+
+
+_MAX_PACKED = 4 * ((4 * MAX_EMBEDDING + 2) // 3)  # base64 characters of MAX_EMBEDDING float32 numbers
 
 
 def _done_problem(body: dict) -> str | None:

@@ -93,13 +93,20 @@ class JobClient:
         return self.job_id
 
     def receive(self, timeout: float) -> ewp.Message | None:
-        """The job's next message, or None if nothing came within timeout seconds."""
+        """The job's next message, or None if nothing came within timeout seconds. (A receive with
+        a timeout, ZMQ_RCVTIMEO, rather than Socket.poll, which builds a Poller on every call: this
+        runs once per streamed token.)"""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1):
+            if remaining <= 0:
                 return None
-            msg = ewp.decode(self.socket.recv_multipart())
+            self.socket.setsockopt(zmq.RCVTIMEO, int(remaining * 1000) + 1)
+            try:
+                frames = self.socket.recv_multipart()
+            except zmq.Again:
+                return None
+            msg = ewp.decode(frames)
             if msg.job_id == self.job_id:
                 if msg.command in (ewp.DONE, ewp.ERROR):
                     self.finished = True

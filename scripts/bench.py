@@ -97,7 +97,7 @@ TOPICS = [
 
 
 def prompt_for(i: int, salt: int) -> list[dict]:
-    """The i-th prompt of one measurement. salt (concurrency * 10 + attempt) puts a different
+    """The i-th prompt of one measurement. salt (concurrency * 1000 + attempt) puts a different
     request number at the front for every level and attempt, so no server answers a prompt it
     has already cached (a re-measured level would otherwise show prompt-cache TTFTs)."""
     return [{"role": "user", "content": f"Request {salt}-{i}: write a long, detailed story about "
@@ -431,7 +431,7 @@ def run_level(args, port: int, server: str, concurrency: int, model: str, extra:
                     level.skipped_requests += args.rounds - rnd
                 return
             remaining = max(1.0, min(args.request_timeout, deadline_box[0] - time.monotonic() + 5))
-            body = request_body(args, c * args.rounds + rnd, concurrency * 10 + attempt, model, extra)
+            body = request_body(args, c * args.rounds + rnd, concurrency * 1000 + attempt, model, extra)
             res = stream_chat(port, body, remaining)
             with lock:
                 level.results.append(res)
@@ -514,7 +514,7 @@ def inprocess_child(args) -> None:
 
 
 def run_inprocess(args, attempt: int = 0) -> Level:
-    cmd = [sys.executable, __file__, "--_inprocess-child", "--salt", str(10 + attempt),
+    cmd = [sys.executable, __file__, "--_inprocess-child", "--salt", str(1000 + attempt),
            "--model", args.model, "--threads", str(args.threads),
            "--tokens", str(args.tokens), "--rounds", str(args.rounds), "--quiet-wait", str(args.quiet_wait),
            "--quiet-below", str(args.quiet_below)]
@@ -621,23 +621,41 @@ def run_contenders(args, contenders: list[Contender], with_inprocess: bool, extr
                     except Exception as exc:
                         log(f"[in-process] failed: {exc}")
                         out.append(Level(IN_PROCESS, 1, note=f"failed: {str(exc).splitlines()[0][:200]}"))
-                for c, srv, pids, parallel in running:
-                    log(f"[{c.name}] concurrency {n}: {n} client(s) x {args.rounds} request(s)")
-                    if srv.proc.poll() is not None:
-                        out.append(Level(c.name, n, parallel, note=f"server had exited ({srv.proc.returncode})"))
-                        continue
-                    sent = extra if c.takes_extra else {}
-                    level = retried(args, lambda attempt: run_level(args, srv.port, c.name, n, "bench", sent, pids,
-                                                                    attempt))
-                    level.parallel = parallel
-                    if srv.proc.poll() is not None:
-                        level.note = (level.note + "; " if level.note else "") + \
-                            f"server exited ({srv.proc.returncode})"
-                    out.append(level)
-                    log("    " + summary_line(level))
+                runs: dict[str, list[Level]] = {}
+                for repeat in range(args.repeat):  # the contenders in turn, so that drift hits each alike
+                    for c, srv, pids, parallel in running:
+                        log(f"[{c.name}] concurrency {n}: {n} client(s) x {args.rounds} request(s)"
+                            + (f", run {repeat + 1} of {args.repeat}" if args.repeat > 1 else ""))
+                        if srv.proc.poll() is not None:
+                            runs.setdefault(c.name, []).append(
+                                Level(c.name, n, parallel, note=f"server had exited ({srv.proc.returncode})"))
+                            continue
+                        sent = extra if c.takes_extra else {}
+                        first = repeat * (args.retries + 1)  # every run and attempt sends prompts of its own
+                        level = retried(args, lambda attempt: run_level(args, srv.port, c.name, n, "bench", sent,
+                                                                        pids, first + attempt))
+                        level.parallel = parallel
+                        if srv.proc.poll() is not None:
+                            level.note = (level.note + "; " if level.note else "") + \
+                                f"server exited ({srv.proc.returncode})"
+                        runs.setdefault(c.name, []).append(level)
+                        log("    " + summary_line(level))
+                out.extend(median_run(levels) for levels in runs.values())
         finally:
             for _, srv, _, _ in running:
                 srv.stop()
+
+
+def median_run(levels: list[Level]) -> Level:
+    """Of one contender's runs of one level, the one with the median total tokens/s (the lower middle
+    of an even count), noting the spread of the others."""
+    if len(levels) == 1:
+        return levels[0]
+    ranked = sorted(levels, key=lambda lv: lv.total_rate or 0.0)
+    median = ranked[(len(ranked) - 1) // 2]
+    spread = f"median of {len(levels)} runs ({fmt(ranked[0].total_rate)} to {fmt(ranked[-1].total_rate)} tok/s)"
+    median.note = (median.note + "; " if median.note else "") + spread
+    return median
 
 
 def retried(args, measure) -> "Level":
@@ -774,7 +792,10 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
     L.append(f"- Shared machine: before each level the benchmark waits (up to {args.quiet_wait:.0f} s) until other "
              f"processes use under {args.quiet_below:.0f}% of the CPU; a level during which they used more than "
              f"{args.max_other:.0f}% is measured again (up to {args.retries} more times) and the least disturbed "
-             "attempt is kept.")
+             "attempt is kept."
+             + (f" Each level was measured {args.repeat} times, the contenders in turn; the row shown is the "
+                "run with the median total tok/s, and its notes give the range of all runs." if args.repeat > 1
+                else ""))
     mode = ("restarted for every level with `--parallel`/`-np` = that level's concurrency"
             if args.parallel_mode == "level" else
             f"started once with `--parallel`/`-np` = {max(args.concurrency)} (the largest level)")
@@ -854,8 +875,10 @@ def render(args, levels: list[Level], skipped: list[str], started: str, elapsed:
     L.append("- At temperature 0 every contender decodes greedily, so the same prompt gives the same text and "
              "length everywhere unless a server honours `ignore_eos` (llama-server) and the others stop at "
              "EOS; the tokens/req column shows it.")
-    L.append("- Few requests per level: TTFT p95 over 2 to 32 requests is close to the maximum. Expect a few "
-             "percent of run-to-run noise on the throughput columns.")
+    L.append("- Few requests per level: TTFT p95 over 2 to 32 requests is close to the maximum. On a shared "
+             "machine one level's total tok/s can differ by 10 to 25% between two runs minutes apart (seen "
+             "for both servers on 2026-11-27): compare contenders within one run, and use `--repeat` to "
+             "report the median of several runs.")
     L.append("")
     if skipped:
         L.append("## Not run\n")
@@ -1529,16 +1552,23 @@ def run_embeddings(args) -> int:
         starters.append(("llama-server", start_llama_server))
     else:
         log("[embeddings] llama-server: no binary (pass --llama-server PATH, or --build-llama-server); skipped")
-    for name, start in starters:
-        log(f"[embeddings] {name}...")
-        srv = start(bench, args)
-        try:
-            for load in LOADS:
-                rates.append(measure_load(name, srv.port, load, args.embedding_requests))
-                log(f"[embeddings] {rates[-1]} -> {rates[-1].per_second:.1f} texts/s")
-        finally:
+    servers = []
+    try:
+        for name, start in starters:
+            log(f"[embeddings] starting {name}")
+            servers.append((name, start(bench, args)))
+        for load in LOADS:  # the servers in turn, each load --repeat times, so that drift hits both alike
+            runs: dict[str, list] = {}
+            for _ in range(args.repeat):
+                for name, srv in servers:
+                    runs.setdefault(name, []).append(measure_load(name, srv.port, load, args.embedding_requests))
+                    log(f"[embeddings] {runs[name][-1]} -> {runs[name][-1].per_second:.1f} texts/s")
+            rates.extend(sorted(measured, key=lambda r: r.per_second)[(len(measured) - 1) // 2]
+                         for measured in runs.values())
+    finally:
+        for _, srv in servers:
             srv.stop()
-    section = report(rates, command_line(), machine_line(mach))
+    section = report(rates, command_line(), machine_line(mach), args.repeat)
     assert section.startswith(EMBEDDINGS_HEADING)
     write_section(args, EMBEDDINGS_HEADING, section)
     return 0
@@ -1638,6 +1668,10 @@ def parse_args(argv):
                    help="measure a level again when other processes used more than this percent of the "
                         "machine's CPU during it")
     p.add_argument("--retries", type=int, default=2, help="most re-measurements per level")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="servers: measure each level this many times, the contenders in turn, and report the "
+                        "run with the median total tok/s (a shared machine's speed drifts by 10%% and more "
+                        "between runs); embeddings: the same for each load")
     p.add_argument("--n-gpu-layers", type=int, default=None,
                    help="layers on the GPU: edgellm's --n-gpu-layers, llama-server's -ngl, the in-process run's "
                         "n_gpu_layers (needs CUDA builds: scripts/bench_gpu.sh); > 0 writes the '## Chat on a GPU' "
@@ -1648,7 +1682,7 @@ def parse_args(argv):
                         "scripts/bench_gpu.sh sets)")
     p.add_argument("--out", help="write the markdown report here (default: print it)")
     p.add_argument("--_inprocess-child", dest="inprocess_child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--salt", type=int, default=10, help=argparse.SUPPRESS)
+    p.add_argument("--salt", type=int, default=1000, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.model = str(Path(args.model).resolve())
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})

@@ -114,12 +114,14 @@ def start_llama_server(bench, args):
     return srv
 
 
-def report(rates: list[Rate], command: str, machine: str) -> str:
+def report(rates: list[Rate], command: str, machine: str, repeat: int = 1) -> str:
+    median = (f" Both servers run side by side; each load was measured {repeat} times, the servers in turn, "
+              "and the row shown is the run with the median texts/s.") if repeat > 1 else ""
     lines = ["## Embeddings (`--scenario embeddings`)", "",
              f"`{command}` on {machine}. {MODEL} (mean pooling), {SLOTS} slots in each server. batch 32: "
              "2 clients each sending requests of 32 texts; batch 1: 8 clients each sending one text per "
              "request; each client keeps one HTTP/1.1 connection (reconnects: how often a server closed it). "
-             "Texts: distinct sentences of 8 to 20 words (scripts/bench_embeddings.py).", "",
+             f"Texts: distinct sentences of 8 to 20 words (scripts/bench_embeddings.py).{median}", "",
              "| load | server | texts | seconds | texts/s | failed requests | reconnects | ÷ llama-server (target ≥ 1.0) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for load in LOADS:

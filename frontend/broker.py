@@ -47,6 +47,9 @@ BUSY_HOLD = 0.5  # seconds a worker that answered worker_busy gets no new job
 MAX_ATTEMPTS = 2  # workers a job may be sent to when the first dies before answering
 MAX_PER_TURN = 64  # messages read from one socket per loop turn before the others get theirs
 STALL_LIMIT = 30.0  # seconds without a loop turn after which the broker counts as hung
+# Expiring silent workers and overdue jobs and publishing the snapshot run at most this often (seconds),
+# not on every turn: a streaming server turns once or more per token.
+HOUSEKEEPING_INTERVAL = 0.02
 # A connection to the remote socket that has not finished its handshake (CURVE) by then is closed:
 # ZeroMQ caps neither the connections nor their file descriptors, so idle ones must not linger.
 REMOTE_HANDSHAKE_MS = 10_000
@@ -185,10 +188,10 @@ class Broker:
         for sock in self.worker_socks:
             poller.register(sock, zmq.POLLIN)
         poller.register(self.clients_sock, zmq.POLLIN)
-        next_heartbeat = time.monotonic()
+        next_heartbeat = next_housekeeping = time.monotonic()
         while not self._stop.is_set():
             try:
-                ready = dict(poller.poll(self._wake_ms(next_heartbeat)))
+                ready = dict(poller.poll(self._wake_ms(min(next_heartbeat, next_housekeeping))))
                 for index, sock in enumerate(self.worker_socks):
                     if sock in ready:
                         self._read(sock, lambda frames, index=index: self._from_worker(index, frames),
@@ -208,17 +211,22 @@ class Broker:
                     self._to_worker(identity, ewp.HEARTBEAT)
                 next_heartbeat = now + self.heartbeat_interval
                 self.limiter.forget_idle(now)
-            self._expire(now)
             self._dispatch()
-            self._publish()
+            if not ready or now >= next_housekeeping:  # a timed wake, or messages came 20 ms ago
+                self._expire(now)
+                self._publish()
+                next_housekeeping = float("inf")  # until the next message
+            elif next_housekeeping == float("inf"):
+                next_housekeeping = now + HOUSEKEEPING_INTERVAL
             self._turned_at = time.monotonic()
 
-    def _wake_ms(self, next_heartbeat: float) -> int:
-        """How long the loop may sleep without a message: until the next heartbeat, or a quarter of
-        an interval while requests wait in a queue (their queue_timeout is checked on each turn).
-        An idle server wakes about once a heartbeat."""
-        wait = self.heartbeat_interval / 4 if any(pool.queue for pool in self.pools.values()) \
-            else next_heartbeat - time.monotonic()
+    def _wake_ms(self, wake_at: float) -> int:
+        """How long the loop may sleep without a message: until ``wake_at`` (the next heartbeat or
+        the housekeeping a message made due), or a quarter of an interval while requests wait in a
+        queue (their queue_timeout is checked then). An idle server wakes about once a heartbeat."""
+        wait = wake_at - time.monotonic()
+        if any(pool.queue for pool in self.pools.values()):
+            wait = min(wait, self.heartbeat_interval / 4)
         return max(1, int(wait * 1000))
 
     def _read(self, sock: zmq.Socket, handle, copy: bool = True) -> None:

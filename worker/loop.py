@@ -41,6 +41,16 @@ IDLE_WAKE = 0.5  # seconds an idle thread sleeps between looks at stop(): few wa
 STUCK_FLUSH_SECONDS = 1.0  # how long a stuck worker waits, its ERRORs sent, before it exits
 
 
+def waiting(sock: zmq.Socket):
+    """The messages waiting on ``sock``, read without blocking until there are none. (Not a loop on
+    Socket.poll(0), which builds a Poller for every message: this runs once per streamed token.)"""
+    while True:
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
 class JobError(Exception):
     """A job that cannot run; carries the code the front end maps to an HTTP status."""
 
@@ -109,11 +119,10 @@ class WorkerLoop:
         connection.start()
         try:
             while self.running.is_set():
-                # Idle, wake only for a message (or to notice stop(): within IDLE_WAKE seconds).
-                timeout_ms = 0 if self.engine.busy() else int(IDLE_WAKE * 1000)
-                if pipe.poll(timeout_ms, zmq.POLLIN):
-                    while pipe.poll(0, zmq.POLLIN):
-                        self._handle_safely(pipe, pipe.recv_multipart())
+                if not self.engine.busy():  # idle: wake for a message, or to notice stop() within IDLE_WAKE
+                    pipe.poll(int(IDLE_WAKE * 1000), zmq.POLLIN)
+                for frames in waiting(pipe):
+                    self._handle_safely(pipe, frames)
                 if self.engine.busy():
                     self._step(pipe)
         finally:
@@ -249,8 +258,7 @@ class WorkerLoop:
             wake = min(next_heartbeat - time.monotonic(), IDLE_WAKE if self.step_started is None else 0.25)
             ready = dict(poller.poll(max(1, int(wake * 1000))))
             if broker in ready:
-                while broker.poll(0, zmq.POLLIN):
-                    frames = broker.recv_multipart()
+                for frames in waiting(broker):
                     broker_expiry = time.monotonic() + liveness
                     backoff = ewp.RECONNECT_INITIAL
                     try:
@@ -267,8 +275,8 @@ class WorkerLoop:
                     elif msg.command != ewp.HEARTBEAT:
                         log.warning("worker %s: dropped unexpected %s from the broker", self.worker_id, msg.name)
             if pipe in ready:
-                while pipe.poll(0, zmq.POLLIN):
-                    broker.send_multipart(pipe.recv_multipart())
+                for frames in waiting(pipe):
+                    broker.send_multipart(frames)
             now = time.monotonic()
             if self.step_started is not None and now - self.step_started > self.step_timeout:
                 self._give_up_stuck(broker, now - self.step_started)

@@ -8,7 +8,7 @@ phases:
 
 1. build the batch: the next token of every generating slot, then pending prompt of the
    prefilling slots, oldest first (see PREFILL_TOKENS_PER_STEP: a long prompt is prefilled in
-   pieces between the other jobs' tokens, never stalling them);
+   pieces between the other jobs' tokens, never stalling them), the rows in sequence order;
 2. decode it with one ``llama_decode``;
 3. sample each slot's next token with its choice's own sampler (worker/sampling.py), and turn
    it into CHUNK bodies (worker/chat_output.py).
@@ -312,6 +312,9 @@ class ChatEngine:
                 plan.append((slot, [job.pending.popleft() for _ in range(piece)]))
                 prefilled += piece
                 rows += piece
+        # Rows in sequence order: with a KV stream per sequence, llama.cpp decoded a batch whose rows
+        # came in another order (jobs that took slots out of order) about 50% slower.
+        plan.sort(key=lambda item: item[0].seq_id)
         self._batch.n_tokens = 0
         outputs: list[tuple[int, Slot]] = []
         with self._failing([slot for slot, _ in plan], events, "batching"):

@@ -39,6 +39,7 @@ log = logging.getLogger("edgellm.worker")
 EXIT_STUCK = 3  # the process's exit status when a step ran past step_timeout
 IDLE_WAKE = 0.5  # seconds an idle thread sleeps between looks at stop(): few wake-ups while nothing runs
 STUCK_FLUSH_SECONDS = 1.0  # how long a stuck worker waits, its ERRORs sent, before it exits
+BURST_SECONDS = 0.001  # the longest an idle worker keeps taking messages that arrive together
 
 
 def waiting(sock: zmq.Socket):
@@ -120,7 +121,8 @@ class WorkerLoop:
         try:
             while self.running.is_set():
                 if not self.engine.busy():  # idle: wake for a message, or to notice stop() within IDLE_WAKE
-                    pipe.poll(int(IDLE_WAKE * 1000), zmq.POLLIN)
+                    if pipe.poll(int(IDLE_WAKE * 1000), zmq.POLLIN):
+                        self._take_burst(pipe)
                 for frames in waiting(pipe):
                     self._handle_safely(pipe, frames)
                 if self.engine.busy():
@@ -129,6 +131,20 @@ class WorkerLoop:
             self.running.clear()
             connection.join(timeout=5)
             pipe.close(0)
+
+    def _take_burst(self, pipe: zmq.Socket) -> None:
+        """Take every message of a burst before the first step. The broker hands out jobs together
+        (the slots one step freed), but they reach this thread one at a time through the connection
+        thread, and a step begun on the first would leave the others for the next one: while more
+        keep coming, for at most BURST_SECONDS, take them too. (Embeddings of one text from 8
+        clients, three runs each way: 115-120 texts/s against 112-115; waiting up to a millisecond
+        for more instead was worse, 113-117.)"""
+        deadline = time.monotonic() + BURST_SECONDS
+        while True:
+            for frames in waiting(pipe):
+                self._handle_safely(pipe, frames)
+            if time.monotonic() >= deadline or not pipe.poll(0, zmq.POLLIN):
+                return
 
     def _step(self, pipe: zmq.Socket) -> None:
         self.step_started = time.monotonic()
@@ -261,19 +277,17 @@ class WorkerLoop:
                 for frames in waiting(broker):
                     broker_expiry = time.monotonic() + liveness
                     backoff = ewp.RECONNECT_INITIAL
-                    try:
-                        msg = ewp.decode(frames)
-                    except ewp.ProtocolError as exc:
-                        log.warning("worker %s: dropped a bad message from the broker: %s", self.worker_id, exc)
-                        continue
-                    if msg.command in (ewp.JOB, ewp.CANCEL):
+                    # Routed on the command frame; the compute thread decodes and checks a job's body.
+                    command = frames[1] if len(frames) >= 2 and frames[0] == ewp.PROTOCOL else None
+                    if command in (ewp.JOB, ewp.CANCEL):
                         pipe.send_multipart(frames)
-                    elif msg.command == ewp.DISCONNECT:
+                    elif command == ewp.DISCONNECT:
                         log.info("worker %s: the broker asked us to register again", self.worker_id)
                         pipe.send_multipart(ewp.encode(ewp.DISCONNECT))
                         broker_expiry = 0  # reconnect now
-                    elif msg.command != ewp.HEARTBEAT:
-                        log.warning("worker %s: dropped unexpected %s from the broker", self.worker_id, msg.name)
+                    elif command != ewp.HEARTBEAT:
+                        log.warning("worker %s: dropped a message from the broker that is not a job's, a "
+                                    "heartbeat or a disconnect (%d frames)", self.worker_id, len(frames))
             if pipe in ready:
                 for frames in waiting(pipe):
                     broker.send_multipart(frames)

@@ -261,7 +261,7 @@ do_bench() {
     # the GPU section's build line (an environment variable keeps it out of the section's command line)
     export EDGELLM_GPU_BUILD="llama.cpp from llama-cpp-python $VERSION's vendored sources (the shared libraries \
 that llama_cpp loads through LLAMA_CPP_LIB_PATH, and llama-server), nvcc $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' | \
-cut -d' ' -f2); reproduce with \`CUDA_ARCH=$CUDA_ARCH THREADS=${THREADS:-8} ROUNDS=${ROUNDS:-4} scripts/bench_gpu.sh all\`; \
+cut -d' ' -f2); reproduce with \`CUDA_ARCH=$CUDA_ARCH THREADS=${THREADS:-8} ROUNDS=${ROUNDS:-4}${BENCH_EXTRA:+ BENCH_EXTRA=\"$BENCH_EXTRA\"} scripts/bench_gpu.sh all\`; \
 configured with \`$(head -n 1 "$BUILD_CMD" | sed "s|$CACHE|\$CACHE|g; s/ *$//")\`"
     [ -e "$REPO/BENCHMARKS.md" ] && cp "$REPO/BENCHMARKS.md" "$OUT/BENCHMARKS.md"
     rm -f "$CACHE"/logs/edgellm-p*.log "$CACHE"/logs/llama-server-p*.log

@@ -153,6 +153,16 @@ class _Channel(HTTPChannel):
             return self.will_close or self.close_when_flushed
         return super().writable()
 
+    def _flush_outbufs_below_high_watermark(self):
+        """waitress's wait, inside a write, for the event loop to send what is over the output
+        buffer's high watermark (a client that reads slower than the app writes): the loop must not
+        be kept out meanwhile, or it would never send, nor see the client go."""
+        writing, self.writing = self.writing, False
+        try:
+            return super()._flush_outbufs_below_high_watermark()
+        finally:
+            self.writing = writing
+
 
 class _Refusal(wasyncore.dispatcher):
     """A connection past the bound: it gets its 503, its request is read and dropped, then it is closed.

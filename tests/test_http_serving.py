@@ -172,9 +172,11 @@ def test_each_write_of_a_streaming_response_reaches_the_client_before_the_next(p
 
 def test_a_slow_reader_gets_every_byte_of_writes_bigger_than_the_socket_buffers(plain_server):
     """What a write cannot send at once (the client reads slower than the app writes) the event loop
-    sends as the client reads, while the app still runs: the app waits for the client to have it all."""
+    sends as the client reads, while the app still runs: the app waits for the client to have it all.
+    The third write finds more than waitress's high watermark (16 MiB) unsent, and waits in it for
+    the loop to send."""
     port, apps = plain_server
-    piece, pieces = 2 * 1024 * 1024, 3
+    piece, pieces = 12 * 1024 * 1024, 3
     received, gave_up = threading.Event(), threading.Event()
 
     def app(environ, start_response):
@@ -194,6 +196,27 @@ def test_a_slow_reader_gets_every_byte_of_writes_bigger_than_the_socket_buffers(
     assert head.startswith(b"HTTP/1.1 200")
     assert body == b"".join(bytes([65 + i]) * piece for i in range(pieces))
     sock.close()
+
+
+def test_a_client_that_stops_reading_and_leaves_ends_a_long_stream(plain_server):
+    """A client that reads nothing of a stream, then closes: the app's next write fails and the
+    request ends (its thread is free again), also while that write waits for the buffer to drain."""
+    port, apps = plain_server
+    ended = threading.Event()
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        try:
+            for _ in range(200):
+                yield b"x" * (1024 * 1024)
+        finally:
+            ended.set()
+
+    apps.append(app)
+    sock = get(port)
+    time.sleep(1.0)  # the app has written past the high watermark and waits
+    sock.close()
+    assert ended.wait(10), "the request went on after its client had left"
 
 
 # -- many idle connections, on the shared server with the real models ------------------------

@@ -47,8 +47,9 @@ BUSY_HOLD = 0.5  # seconds a worker that answered worker_busy gets no new job
 MAX_ATTEMPTS = 2  # workers a job may be sent to when the first dies before answering
 MAX_PER_TURN = 64  # messages read from one socket per loop turn before the others get theirs
 STALL_LIMIT = 30.0  # seconds without a loop turn after which the broker counts as hung
-# Expiring silent workers and overdue jobs and publishing the snapshot run at most this often (seconds),
-# not on every turn: a streaming server turns once or more per token.
+# A loop turn that only forwarded CHUNKs (a streaming server turns once or more per token) changes
+# nothing the snapshot shows: expiring silent workers and overdue jobs and publishing the snapshot
+# then wait until this many seconds have passed. Any other message, and every timed wake, runs them.
 HOUSEKEEPING_INTERVAL = 0.02
 # A connection to the remote socket that has not finished its handshake (CURVE) by then is closed:
 # ZeroMQ caps neither the connections nor their file descriptors, so idle ones must not linger.
@@ -115,6 +116,7 @@ class Broker:
         self._stop = threading.Event()
         self._failure: str | None = None  # why the loop died, once it has
         self._turned_at = time.monotonic()  # when the loop last finished a turn
+        self._changed = False  # this turn handled a message that may change the snapshot
         self._thread = threading.Thread(target=self._run, name="broker", daemon=True)
 
     def _bind_workers(self, addr: str, remote: RemoteListener | None = None) -> zmq.Socket:
@@ -201,6 +203,7 @@ class Broker:
             except zmq.ContextTerminated:
                 break
             while not self._exited_pids.empty():
+                self._changed = True
                 pid = self._exited_pids.get()
                 # Only workers on the local socket (index 0): a remote worker's pid is another machine's.
                 for key in [k for k, w in self.workers.items() if k[0] == 0 and w.info.get("pid") == pid]:
@@ -212,10 +215,11 @@ class Broker:
                 next_heartbeat = now + self.heartbeat_interval
                 self.limiter.forget_idle(now)
             self._dispatch()
-            if not ready or now >= next_housekeeping:  # a timed wake, or messages came 20 ms ago
+            if self._changed or not ready or now >= next_housekeeping:
                 self._expire(now)
                 self._publish()
-                next_housekeeping = float("inf")  # until the next message
+                self._changed = False
+                next_housekeeping = float("inf")  # until a turn forwards CHUNKs only
             elif next_housekeeping == float("inf"):
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
             self._turned_at = time.monotonic()
@@ -300,6 +304,8 @@ class Broker:
         except ewp.ProtocolError as exc:
             self.throttled.warning((peer, "bad"), "dropped a bad message from worker %s: %s", label, exc)
             return
+        if msg.command != ewp.CHUNK:  # a CHUNK changes nothing the snapshot shows
+            self._changed = True
         if msg.command == ewp.READY:
             self._register(identity, msg.body, user_id, label)
             return
@@ -438,6 +444,7 @@ class Broker:
 
     # -- clients ---------------------------------------------------------------------------
     def _from_client(self, frames: list[bytes]) -> None:
+        self._changed = True
         client, frames = frames[0], frames[1:]
         try:
             msg = ewp.decode(frames)

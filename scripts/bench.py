@@ -1686,6 +1686,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.model = str(Path(args.model).resolve())
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     if args.rounds is None:
         args.rounds = 3 if args.scenario == "structured" else 2
     return args

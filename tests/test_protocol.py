@@ -125,7 +125,9 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_
 
 @pytest.mark.parametrize("command, body, ok", [
     (ewp.CHUNK, {"text": "\ud800"}, False),  # would fail to encode for the client
-    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([3e38, -0.5])}, True),
+    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([0.6, -0.8])}, True),
+    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([3e38, -0.5])}, False),  # squares overflow float32
+    (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([1e-45, 0.0])}, False),  # squares underflow to 0
     (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([0.0, 0.0])}, False),  # no direction: no cosine
     (ewp.CHUNK, {"index": 0, "embedding": ""}, False),
     (ewp.CHUNK, {"index": 0, "embedding": ewp.pack_vector([float("inf")])}, False),
@@ -187,7 +189,7 @@ def test_the_fields_a_jobs_chunks_must_and_may_carry(job, fields):
 
 
 def test_a_packed_vector_reads_back_as_float32_little_endian():
-    values = [0.5, -1.25, 3.0e38, 1e-3]
+    values = [0.5, -1.25, 3.0e5, 1e-3]
     packed = ewp.pack_vector(values)
     assert base64.b64decode(packed) == struct.pack("<4f", *values)  # OpenAI's base64 layout
     assert list(ewp.unpack_vector(packed)) == list(struct.unpack("<4f", struct.pack("<4f", *values)))

@@ -284,7 +284,8 @@ class WorkerLoop:
                     elif command == ewp.DISCONNECT:
                         log.info("worker %s: the broker asked us to register again", self.worker_id)
                         pipe.send_multipart(ewp.encode(ewp.DISCONNECT))
-                        broker_expiry = 0  # reconnect now
+                        broker_expiry = 0  # reconnect now (no later message may put it off)
+                        break
                     elif command != ewp.HEARTBEAT:
                         log.warning("worker %s: dropped a message from the broker that is not a job's, a "
                                     "heartbeat or a disconnect (%d frames)", self.worker_id, len(frames))

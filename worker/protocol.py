@@ -302,7 +302,7 @@ def _chunk_problem(body: dict) -> str | None:
         return f"CHUNK 'index' must be an integer from 0 to {MAX_COUNT}"
     if embedding is not None and (index is None or not _vector(embedding)):
         return (f"CHUNK 'embedding' must be base64 of 1 to {MAX_EMBEDDING} little-endian float32 numbers, "
-                "finite and not all zero, with an 'index'")
+                f"finite, of a length from {VECTOR_NORMS[0]:g} to {VECTOR_NORMS[1]:g}, with an 'index'")
     if "tool_call" in body and not _tool_call_delta(body["tool_call"]):
         return ("CHUNK 'tool_call' must be {\"index\", \"name\"} (a call starts) or {\"index\", \"arguments\"}, "
                 "with a valid name and an integer index")
@@ -363,7 +363,9 @@ def pack_vector(values) -> str:
 
 def unpack_vector(packed) -> array | None:
     """The numbers of a packed embedding (array("f")), or None unless it is a usable one: base64 of
-    1 to MAX_EMBEDDING float32 numbers, all finite, not all zero (a vector with no direction)."""
+    1 to MAX_EMBEDDING float32 numbers, all finite, with a length (L2 norm) from VECTOR_NORMS[0] to
+    VECTOR_NORMS[1]: a vector of no length has no direction, and one far from length 1 (engines send
+    unit vectors) gives zero or infinite squares in float32, so NaN cosine scores in the store."""
     if not isinstance(packed, str) or len(packed) > _MAX_PACKED:
         return None
     try:
@@ -375,12 +377,13 @@ def unpack_vector(packed) -> array | None:
     values = array("f", raw)
     if sys.byteorder == "big":
         values.byteswap()
-    if not all(map(math.isfinite, values)) or not any(values):
+    if not all(map(math.isfinite, values)) or not VECTOR_NORMS[0] <= math.hypot(*values) <= VECTOR_NORMS[1]:
         return None
     return values
 
 
 _MAX_PACKED = 4 * ((4 * MAX_EMBEDDING + 2) // 3)  # base64 characters of MAX_EMBEDDING float32 numbers
+VECTOR_NORMS = (1e-6, 1e6)  # the lengths an embedding may have
 
 
 def _done_problem(body: dict) -> str | None:

@@ -120,11 +120,11 @@ class WorkerLoop:
         connection.start()
         try:
             while self.running.is_set():
-                if not self.engine.busy():  # idle: wake for a message, or to notice stop() within IDLE_WAKE
-                    if pipe.poll(int(IDLE_WAKE * 1000), zmq.POLLIN):
-                        self._take_burst(pipe)
-                for frames in waiting(pipe):
-                    self._handle_safely(pipe, frames)
+                if self.engine.busy():
+                    for frames in waiting(pipe):
+                        self._handle_safely(pipe, frames)
+                elif pipe.poll(int(IDLE_WAKE * 1000), zmq.POLLIN):  # idle: wake for a message, or for stop()
+                    self._take_burst(pipe)
                 if self.engine.busy():
                     self._step(pipe)
         finally:

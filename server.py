@@ -33,7 +33,7 @@ from frontend.chat_api import ChatAnswer, ChatResponder, check_chat_context, par
 from frontend.completions_api import CompletionAnswer, check_completion_context, parse_completion
 from frontend.completions_api import with_defaults as completion_defaults
 from frontend.config import ConfigError, ServerConfig, add_server_flags, load_config
-from frontend.embeddings_api import check_input_context, embeddings_response, parse_embeddings
+from frontend.embeddings_api import check_input_context, embeddings_json, parse_embeddings
 from frontend.errors import APIError, as_api_error, bad_request, error_response
 from frontend.files_api import file_list, file_object
 from frontend.filenames import clean_filename, content_disposition
@@ -72,8 +72,10 @@ def sse_response(events) -> Response:
                                                                    "X-Accel-Buffering": "no"})
 
 
-def json_response(body: dict, status: int = 200) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False), status=status, mimetype="application/json")
+def json_response(body: dict | str, status: int = 200) -> Response:
+    """A JSON answer: ``body`` as a dict, or as JSON text already written."""
+    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+    return Response(text, status=status, mimetype="application/json")
 
 
 class EdgeLLM:
@@ -418,7 +420,7 @@ class EdgeLLM:
         check_input_context(inputs, self.context_size(model), self.config.chars_per_token)
         chunks, done = self.jobs.collect(model, {"kind": ewp.JOB_EMBEDDING, "input": inputs},
                                          disconnect_check(request.environ))
-        return json_response(embeddings_response(model, in_order(chunks, len(inputs)), done["usage"], encoding))
+        return json_response(embeddings_json(model, in_order(chunks, len(inputs)), done["usage"], encoding))
 
     def on_retrieve(self, request: Request) -> Response:
         body = self.json_body(request)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from frontend import validation as v
 from frontend.errors import APIError, bad_request
 from worker import protocol as ewp
@@ -69,19 +71,22 @@ def parse_embeddings(body: dict, limits: v.RequestLimits) -> tuple[str | None, l
     return model, inputs, encoding
 
 
-def encode_vector(vector, encoding: str):
-    """A vector (array("f") or a list of numbers) as the request's encoding_format wants it: base64
-    of little-endian float32 (OpenAI's layout, which is also the worker protocol's), or numbers."""
+def vector_json(vector, encoding: str) -> str:
+    """A vector (array("f") or a list of numbers) as JSON text, as the request's encoding_format
+    wants it: a string of base64 of little-endian float32 (OpenAI's layout, which is also the worker
+    protocol's), or numbers written with 9 significant digits, the fewest that always read back as
+    the same float32. (json.dumps writes a float32's value as the 17 digits of a double: 60% more
+    bytes, for the client to read too, and nearly twice the time.)"""
     if encoding == "base64":
-        return ewp.pack_vector(vector)
-    return list(vector)
+        return '"%s"' % ewp.pack_vector(vector)
+    return "[%s]" % ",".join(["%.9g" % x for x in vector])
 
 
-def embeddings_response(model: str, chunks: list[dict], usage: dict, encoding: str) -> dict:
+def embeddings_json(model: str, chunks: list[dict], usage: dict, encoding: str) -> str:
+    """The response's JSON text, its vectors written by vector_json."""
     ordered = sorted(chunks, key=lambda c: c["index"])
-    return {"object": "list",
-            "data": [{"index": c["index"], "object": "embedding", "embedding": encode_vector(c["embedding"], encoding)}
-                     for c in ordered],
-            "model": model,
-            "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": 0,
-                      "total_tokens": usage["prompt_tokens"]}}
+    data = ",".join('{"index":%d,"object":"embedding","embedding":%s}'
+                    % (c["index"], vector_json(c["embedding"], encoding)) for c in ordered)
+    rest = json.dumps({"model": model, "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": 0,
+                                                 "total_tokens": usage["prompt_tokens"]}}, ensure_ascii=False)
+    return '{"object":"list","data":[%s],%s' % (data, rest[1:])

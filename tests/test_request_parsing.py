@@ -21,7 +21,7 @@ from frontend.chat_api import (FIELDS, IGNORED, MAX_LOGIT_BIAS, MAX_STOP_STRINGS
 from frontend.chat_api import parse_chat as _parse_chat
 from frontend.chat_api import parse_messages as _parse_messages
 from frontend.config import RAG_PROMPT, ModelConfig, ServerConfig
-from frontend.embeddings_api import check_input_context, embeddings_response, encode_vector
+from frontend.embeddings_api import check_input_context, embeddings_json, vector_json
 from frontend.embeddings_api import parse_embeddings as _parse_embeddings
 from frontend.embeddings_api import parse_input as _parse_input
 from frontend.errors import APIError
@@ -337,17 +337,26 @@ def test_embedding_body_fields():
     api_error(parse_embeddings, {"input": "x", "model": ["e"]}, param="model")
 
 
-def test_encode_vector():
+def test_vector_json():
     vector = [0.5, -1.25, 3.0, 0.0]
-    assert encode_vector(vector, "float") == vector
-    assert encode_vector(array("f", vector), "float") == vector  # as in_order unpacks a worker's vectors
-    assert encode_vector(array("f", vector), "base64") == encode_vector(vector, "base64")
-    encoded = encode_vector(vector, "base64")
+    assert json.loads(vector_json(vector, "float")) == vector
+    assert vector_json(array("f", vector), "float") == vector_json(vector, "float")  # as in_order unpacks them
+    assert vector_json(array("f", vector), "base64") == vector_json(vector, "base64")
+    encoded = json.loads(vector_json(vector, "base64"))
     assert isinstance(encoded, str)
     raw = base64.b64decode(encoded, validate=True)
     assert raw == struct.pack("<4f", *vector)  # little-endian float32, as OpenAI's clients decode it
     assert list(struct.unpack("<4f", raw)) == vector
-    assert encode_vector([], "base64") == ""
+    assert json.loads(vector_json([], "base64")) == ""
+
+
+def test_vector_json_numbers_read_back_as_the_same_float32():
+    """9 significant digits, the fewest that always give back the float32 (with 8, -0.102776565
+    would come back as a neighbour); far shorter than the 17 digits of the float32 as a double."""
+    values = array("f", [random.Random(3).gauss(0, 0.05) for _ in range(384)] + [-0.102776565, 1e-30, -0.0, 3.4e38])
+    text = vector_json(values, "float")
+    assert array("f", json.loads(text)) == values
+    assert len(text) < 0.7 * len(json.dumps(list(values)))
 
 
 def test_in_order_unpacks_the_workers_vectors_and_refuses_bad_ones():
@@ -362,15 +371,16 @@ def test_in_order_unpacks_the_workers_vectors_and_refuses_bad_ones():
 
 
 @pytest.mark.parametrize("encoding", ["float", "base64"])
-def test_embeddings_response(encoding):
+def test_embeddings_json(encoding):
     chunks = [{"index": 1, "embedding": [1.0, 0.0]}, {"index": 0, "embedding": [0.0, 1.0]}]
-    body = embeddings_response("e", chunks, {"prompt_tokens": 7}, encoding)
-    assert body["object"] == "list" and body["model"] == "e"
+    body = json.loads(embeddings_json('e"\u2028', chunks, {"prompt_tokens": 7}, encoding))
+    assert body["object"] == "list" and body["model"] == 'e"\u2028'
+    assert list(body) == ["object", "data", "model", "usage"]
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
     assert [d["index"] for d in body["data"]] == [0, 1]  # in input order, whatever order they came in
     assert all(d["object"] == "embedding" for d in body["data"])
-    assert [d["embedding"] for d in body["data"]] == [encode_vector([0.0, 1.0], encoding),
-                                                      encode_vector([1.0, 0.0], encoding)]
+    assert [d["embedding"] for d in body["data"]] == [json.loads(vector_json([0.0, 1.0], encoding)),
+                                                      json.loads(vector_json([1.0, 0.0], encoding))]
 
 
 # -- RAG: the question and the merged prompt -------------------------------------------------

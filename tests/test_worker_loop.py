@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from worker import protocol as ewp
-from worker.loop import Event, JobError, WorkerLoop
+from worker.loop import Event, JobError, WorkerLoop, bundle, unbundle
 
 JOB = "ab" * 16
 
@@ -167,3 +167,13 @@ def test_an_engine_exception_fails_the_jobs_and_the_worker_goes_on(broker):
     assert not loop.jobs and not loop.engine.jobs
     sock.send_multipart([identity, *ewp.encode(ewp.JOB, "ef" * 16, {"text": "still alive"})])
     assert recv(sock)[1].body["text"] == "still"
+
+
+def test_a_bundle_gives_back_its_messages_frame_for_frame():
+    """A step's replies cross the worker's inner pipe as one frame (bundle) and reach the broker as
+    the messages they were (unbundle): empty frames, frames over 64 KiB, one message or many."""
+    messages = [ewp.encode(ewp.CHUNK, "a" * 32, {"index": 0, "text": "x"}), [b"", b"y" * 70_000, b""],
+                ewp.encode(ewp.DONE, "b" * 32, {"finish_reason": "stop"})]
+    assert list(unbundle(bundle(messages))) == messages
+    assert list(unbundle(bundle(messages[:1]))) == messages[:1]
+    assert list(unbundle(bundle([]))) == []

@@ -13,6 +13,7 @@ from worker.chat_engine import ChatEngine, SlotState
 from worker.chat_template import ChatTemplate, Piece, TemplateError
 from worker.loop import JobError
 from worker.model import quiet_llama_logs
+from worker.sampling import SamplingParams, TokenSampler
 from worker.settings import ModelSettings
 
 LONG = "Here is a note about the weather. " * 150  # ~1200 tokens of prompt
@@ -192,6 +193,53 @@ def test_batch_rows_come_in_sequence_order_whatever_order_jobs_took_their_slots(
         engine.step()
         rows = [engine._batch.seq_id[i][0] for i in range(engine._batch.n_tokens)]
         assert rows == sorted(rows)
+
+
+def test_greedy_takes_the_first_highest_logit_as_llama_cpps_greedy_sampler_does(engine, monkeypatch):
+    """At temperature 0 with no bias, penalty or grammar the token is read off the logits (argmax)
+    instead of through llama_sampler_sample: step after step, the token llama.cpp's greedy draws."""
+    reference = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    lc.llama_sampler_chain_add(reference, lc.llama_sampler_init_greedy())
+    drawn = []
+    original = TokenSampler.sample
+
+    def sample(self, ctx, index):
+        expected = lc.llama_sampler_sample(reference, ctx, index)
+        token = original(self, ctx, index)
+        drawn.append((self.argmax, token, expected))
+        return token
+
+    monkeypatch.setattr(TokenSampler, "sample", sample)
+    try:
+        run(engine, {job_id(80): {"kind": "chat", "max_tokens": 24, "temperature": 0,
+                                  "messages": [{"role": "user", "content": "Name three rivers."}]}})
+    finally:
+        lc.llama_sampler_free(reference)
+    assert len(drawn) >= 2 and all(fast for fast, _, _ in drawn)
+    assert [token for _, token, _ in drawn] == [expected for _, _, expected in drawn]
+
+
+@pytest.mark.parametrize("request_fields, argmax", [
+    ({"temperature": 0}, True),
+    ({"temperature": 0, "logit_bias": {"5": 1.0}}, False),
+    ({"temperature": 0, "frequency_penalty": 0.5}, False),
+    ({"temperature": 0, "repeat_penalty": 1.1}, False),
+    ({"temperature": 0.7}, False),
+])
+def test_only_plain_greedy_reads_the_argmax(engine, request_fields, argmax):
+    params = SamplingParams.from_request(request_fields)
+    bias = {int(k): v for k, v in request_fields.get("logit_bias", {}).items()}
+    sampler = TokenSampler(params, engine.model.n_vocab, vocab=engine.model.vocab, logit_bias=bias)
+    try:
+        assert sampler.argmax is argmax
+    finally:
+        sampler.free()
+    grammar = TokenSampler(SamplingParams(temperature=0), engine.model.n_vocab, vocab=engine.model.vocab,
+                           grammar='root ::= "a"')
+    try:
+        assert grammar.argmax is False
+    finally:
+        grammar.free()
 
 
 def test_slot_states_and_cancel_frees_the_slot(engine):

@@ -72,9 +72,12 @@ def sse_response(events) -> Response:
                                                                    "X-Accel-Buffering": "no"})
 
 
-def json_response(body: dict | str, status: int = 200) -> Response:
-    """A JSON answer: ``body`` as a dict, or as JSON text already written."""
-    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+def json_response(body: dict, status: int = 200) -> Response:
+    return json_text_response(json.dumps(body, ensure_ascii=False), status)
+
+
+def json_text_response(text: str, status: int = 200) -> Response:
+    """A JSON answer already written (embeddings: see frontend/embeddings_api.py)."""
     return Response(text, status=status, mimetype="application/json")
 
 
@@ -420,7 +423,7 @@ class EdgeLLM:
         check_input_context(inputs, self.context_size(model), self.config.chars_per_token)
         chunks, done = self.jobs.collect(model, {"kind": ewp.JOB_EMBEDDING, "input": inputs},
                                          disconnect_check(request.environ))
-        return json_response(embeddings_json(model, in_order(chunks, len(inputs)), done["usage"], encoding))
+        return json_text_response(embeddings_json(model, in_order(chunks, len(inputs)), done["usage"], encoding))
 
     def on_retrieve(self, request: Request) -> Response:
         body = self.json_body(request)

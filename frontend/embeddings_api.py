@@ -72,21 +72,21 @@ def parse_embeddings(body: dict, limits: v.RequestLimits) -> tuple[str | None, l
 
 
 def vector_json(vector, encoding: str) -> str:
-    """A vector (array("f") or a list of numbers) as JSON text, as the request's encoding_format
-    wants it: a string of base64 of little-endian float32 (OpenAI's layout, which is also the worker
-    protocol's), or numbers written with 9 significant digits, the fewest that always read back as
-    the same float32. (json.dumps writes a float32's value as the 17 digits of a double: 60% more
-    bytes, for the client to read too, and nearly twice the time.)"""
+    """A vector as JSON text, as the request's encoding_format wants it: a string of base64 of
+    little-endian float32 (OpenAI's layout, which is also the worker protocol's), or numbers written
+    with 9 significant digits, the fewest that always read back as the same float32, each with its
+    decimal point (so 1.0 stays a float and -0.0 keeps its sign). json.dumps would write a float32's
+    value as the 17 digits of a double: 60% more bytes, for the client to read too, and nearly twice
+    the time. ``vector``: finite numbers, as in_order gives them (an array("f") of a checked vector)."""
     if encoding == "base64":
         return '"%s"' % ewp.pack_vector(vector)
-    return "[%s]" % ",".join(["%.9g" % x for x in vector])
+    return "[%s]" % ",".join(["%#.9g" % x for x in vector])
 
 
 def embeddings_json(model: str, chunks: list[dict], usage: dict, encoding: str) -> str:
-    """The response's JSON text, its vectors written by vector_json."""
-    ordered = sorted(chunks, key=lambda c: c["index"])
+    """The response's JSON text: the chunks' vectors (in_order's: sorted, checked) written by vector_json."""
     data = ",".join('{"index":%d,"object":"embedding","embedding":%s}'
-                    % (c["index"], vector_json(c["embedding"], encoding)) for c in ordered)
+                    % (c["index"], vector_json(c["embedding"], encoding)) for c in chunks)
     rest = json.dumps({"model": model, "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": 0,
                                                  "total_tokens": usage["prompt_tokens"]}}, ensure_ascii=False)
     return '{"object":"list","data":[%s],%s' % (data, rest[1:])

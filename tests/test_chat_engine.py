@@ -223,23 +223,27 @@ def test_greedy_takes_the_first_highest_logit_as_llama_cpps_greedy_sampler_does(
     ({"temperature": 0}, True),
     ({"temperature": 0, "logit_bias": {"5": 1.0}}, False),
     ({"temperature": 0, "frequency_penalty": 0.5}, False),
+    ({"temperature": 0, "presence_penalty": 0.5}, False),
     ({"temperature": 0, "repeat_penalty": 1.1}, False),
     ({"temperature": 0.7}, False),
 ])
 def test_only_plain_greedy_reads_the_argmax(engine, request_fields, argmax):
-    params = SamplingParams.from_request(request_fields)
     bias = {int(k): v for k, v in request_fields.get("logit_bias", {}).items()}
-    sampler = TokenSampler(params, engine.model.n_vocab, vocab=engine.model.vocab, logit_bias=bias)
+    sampler = TokenSampler(SamplingParams.from_request(request_fields), engine.model.n_vocab,
+                           vocab=engine.model.vocab, logit_bias=bias)
     try:
         assert sampler.argmax is argmax
     finally:
         sampler.free()
-    grammar = TokenSampler(SamplingParams(temperature=0), engine.model.n_vocab, vocab=engine.model.vocab,
+
+
+def test_greedy_with_a_grammar_keeps_the_sampler_chain(engine):
+    sampler = TokenSampler(SamplingParams(temperature=0), engine.model.n_vocab, vocab=engine.model.vocab,
                            grammar='root ::= "a"')
     try:
-        assert grammar.argmax is False
+        assert sampler.argmax is False
     finally:
-        grammar.free()
+        sampler.free()
 
 
 def test_slot_states_and_cancel_frees_the_slot(engine):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import random
 import struct
 from array import array
@@ -353,9 +354,11 @@ def test_vector_json():
 def test_vector_json_numbers_read_back_as_the_same_float32():
     """9 significant digits, the fewest that always give back the float32 (with 8, -0.102776565
     would come back as a neighbour); far shorter than the 17 digits of the float32 as a double."""
-    values = array("f", [random.Random(3).gauss(0, 0.05) for _ in range(384)] + [-0.102776565, 1e-30, -0.0, 3.4e38])
+    values = array("f", [random.Random(3).gauss(0, 0.05) for _ in range(384)] + [-0.102776565, 1e-30, 3.4e38, 1.0])
     text = vector_json(values, "float")
     assert array("f", json.loads(text)) == values
+    numbers = json.loads(vector_json(array("f", [1.0, -0.0, 0.0]), "float"))
+    assert all(isinstance(x, float) for x in numbers) and [math.copysign(1, x) for x in numbers] == [1, -1, 1]
     assert len(text) < 0.7 * len(json.dumps(list(values)))
 
 
@@ -372,7 +375,8 @@ def test_in_order_unpacks_the_workers_vectors_and_refuses_bad_ones():
 
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 def test_embeddings_json(encoding):
-    chunks = [{"index": 1, "embedding": [1.0, 0.0]}, {"index": 0, "embedding": [0.0, 1.0]}]
+    chunks = in_order([{"index": 1, "embedding": ewp.pack_vector([1.0, 0.0])},
+                       {"index": 0, "embedding": ewp.pack_vector([0.0, 1.0])}])
     body = json.loads(embeddings_json('e"\u2028', chunks, {"prompt_tokens": 7}, encoding))
     assert body["object"] == "list" and body["model"] == 'e"\u2028'
     assert list(body) == ["object", "data", "model", "usage"]

@@ -160,9 +160,14 @@ class TokenSampler:
         add(lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
     def sample(self, ctx, index: int) -> int:
-        """Sample from the index-th output row of the last decode and accept the token."""
+        """Sample from the index-th output row of the last decode and accept the token (plain greedy
+        has no state to accept it into)."""
         if self.argmax:
-            return int(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,)).argmax())
+            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
+            token = int(logits.argmax())
+            if not math.isnan(logits[token]):
+                return token
+            # A NaN (a broken model): argmax stops at it, llama.cpp's greedy passes over it.
         if self.grammar is None:
             return lc.llama_sampler_sample(self.chain, ctx, index)
         started = time.monotonic()

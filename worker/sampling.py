@@ -163,7 +163,7 @@ class TokenSampler:
         """Sample from the index-th output row of the last decode and accept the token (plain greedy
         has no state to accept it into)."""
         if self.argmax:
-            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
+            logits = logits_row(ctx, index, self.n_vocab)
             token = int(logits.argmax())
             if not math.isnan(logits[token]):
                 return token
@@ -171,7 +171,7 @@ class TokenSampler:
         if self.grammar is None:
             return lc.llama_sampler_sample(self.chain, ctx, index)
         started = time.monotonic()
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
+        logits = logits_row(ctx, index, self.n_vocab)
         shortlist = self._shortlist(logits)
         token = self._draw(self._candidates.fill(logits, shortlist), grammar_first=False)
         check = self._candidates.single(token)
@@ -213,11 +213,16 @@ class TokenSampler:
                 setattr(self, name, None)
 
 
+def logits_row(ctx, index: int, n_vocab: int) -> np.ndarray:
+    """The index-th output row of the last decode's logits, read in place (no copy)."""
+    return np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
+
+
 def log_probs(ctx, index: int, n_vocab: int, token: int, top: int, piece) -> dict:
     """OpenAI's logprobs entry for ``token`` drawn from the index-th output row: the model's
     log-softmax over the raw logits (before bias, penalties and temperature), with the ``top``
     likeliest tokens. ``piece(token)`` gives a token's bytes."""
-    logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(n_vocab,)).astype(np.float64)
+    logits = logits_row(ctx, index, n_vocab).astype(np.float64)
     peak = logits.max()
     log_total = peak + math.log(np.exp(logits - peak).sum())
     entry = _entry(token, logits[token] - log_total, piece)
